@@ -1,0 +1,90 @@
+"""Image helpers shared by training and serving: numpy and Pillow only, no torch."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode an HxWxC uint8 image (C is 1 or 3) as PNG bytes, losslessly."""
+    if image.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"expected an HxWxC image with C in (1, 3), got shape {image.shape}")
+    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    buffer = io.BytesIO()
+    # compress_level=6 is deterministic across runs, which keeps shards byte-identical.
+    pil.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, channels: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG/... bytes to an HxWxC uint8 array; convert to `channels` if given."""
+    try:
+        pil = Image.open(io.BytesIO(data))
+        pil.load()
+    except Exception as error:  # Pillow raises many types for bad bytes; name it once
+        raise ValueError(f"undecodable image ({len(data)} bytes): {error}") from error
+    if channels is None:
+        channels = 1 if pil.mode in ("1", "L", "I", "I;16", "F") else 3
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if channels == 1:
+        array = np.asarray(pil.convert("L"), dtype=np.uint8)[:, :, None]
+    else:
+        array = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    return array
+
+
+def to_unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels in [0, 255] to float32 in [0, 1], the scaling every model here is trained on."""
+    if images.dtype != np.uint8:
+        raise TypeError(f"expected uint8 pixels, got {images.dtype}")
+    return images.astype(np.float32) / 255.0
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] to uint8, rounding and clipping."""
+    return np.clip(np.rint(np.asarray(images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def nhwc_to_nchw(images: np.ndarray) -> np.ndarray:
+    """NxHxWxC to NxCxHxW (the layout the networks take)."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+def nchw_to_nhwc(images: np.ndarray) -> np.ndarray:
+    """NxCxHxW to NxHxWxC (the layout images are stored in)."""
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+
+
+def make_grid(images: np.ndarray, num_cols: int = 8, pad: int = 2) -> np.ndarray:
+    """Tile N images (NxHxWxC uint8) into one image with `num_cols` columns and a dark border."""
+    if images.ndim != 4:
+        raise ValueError(f"expected NxHxWxC images, got shape {images.shape}")
+    num, height, width, channels = images.shape
+    num_cols = max(1, min(num_cols, num))
+    num_rows = -(-num // num_cols)
+    grid = np.zeros(
+        (num_rows * (height + pad) + pad, num_cols * (width + pad) + pad, channels), dtype=np.uint8
+    )
+    for index in range(num):
+        row, col = divmod(index, num_cols)
+        top, left = pad + row * (height + pad), pad + col * (width + pad)
+        grid[top : top + height, left : left + width] = images[index]
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | Path, num_cols: int = 8, scale: int = 2) -> Path:
+    """Write a PNG contact sheet of NxHxWxC uint8 images, enlarged `scale` times for viewing."""
+    grid = make_grid(images, num_cols)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(path)
+    return path

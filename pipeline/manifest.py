@@ -1,0 +1,90 @@
+"""manifest.json: what a shard directory holds, with a sha256 per shard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar file: its name relative to the manifest, sample count, size and checksum."""
+
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a reader needs to know before opening a shard."""
+
+    source: str
+    seed: int
+    image_shape: tuple[int, int, int]  # (height, width, channels)
+    splits: dict[str, list[ShardInfo]]
+    pixel_mean: float
+    pixel_std: float
+    num_classes: int
+    tool_version: str
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def num_samples(self, split: str) -> int:
+        """Total samples in one split."""
+        return sum(shard.num_samples for shard in self.shards(split))
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        """The shards of one split; the error names the splits that exist."""
+        if split not in self.splits:
+            raise KeyError(f"manifest has no split {split!r}; it has {sorted(self.splits)}")
+        return self.splits[split]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"manifest format_version {version!r}; this tool reads {FORMAT_VERSION}")
+        splits = {
+            split: [ShardInfo(**shard) for shard in shards]
+            for split, shards in data["splits"].items()
+        }
+        return cls(**{**data, "splits": splits, "image_shape": tuple(data["image_shape"])})
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read DIR/manifest.json; a missing or malformed file gives an error naming the path."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}: write shards with `python -m pipeline shards`")
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: malformed manifest: {error}") from error
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+    """Write DIR/manifest.json atomically (temporary file, then rename)."""
+    path = Path(directory) / MANIFEST_NAME
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(manifest.to_json())
+    temporary.replace(path)
+    return path

@@ -1,0 +1,47 @@
+"""`torchrun [--nproc_per_node=N] -m train [--config FILE.json] [--section.field=value ...]`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from train.config import ConfigError, help_text, parse_args
+
+USAGE = """usage: torchrun --standalone --nproc_per_node=N -m train [--config FILE.json] [--section.field=value ...]
+       python -m train ...   (one process, no torchrun needed)
+
+Trains the convolutional VAE on WebDataset shards written by `python -m pipeline shards`,
+with DistributedDataParallel across the processes torchrun starts (gloo on CPU, NCCL on GPU),
+bf16 autocast where supported, atomic checkpoints (resumed automatically) and MLflow tracking.
+Each rank prints one JSON summary line at the end.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(USAGE + "\n" + help_text())
+        return 0
+    try:
+        config = parse_args(argv)
+    except (ConfigError, FileNotFoundError, json.JSONDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from train.distributed import setup_distributed, teardown_distributed
+    from train.trainer import run_training
+
+    context = setup_distributed()
+    try:
+        summary = run_training(config, context)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"error (rank {context.rank}): {error}", file=sys.stderr)
+        return 1
+    finally:
+        teardown_distributed(context)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
