@@ -21,12 +21,12 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """z, (B, latent) -> (logits, probs), each (B, C, H, W): Bernoulli parameters and image mean."""
+    """z, (B, latent) -> (likelihood parameters, image mean in [0, 1]); Bernoulli: (logits, probs)."""
 
     def __init__(self, model: ConvVAE) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model.decode(z)
-        return logits, torch.sigmoid(logits)
+        params = self.model.decode(z)
+        return params, self.model.image_mean(params)

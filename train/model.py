@@ -79,6 +79,10 @@ class ConvVAE(nn.Module):
         features = self.decoder_dense(z).view(-1, *self.feature_shape)
         return self.decoder_conv(features)
 
+    def image_mean(self, params: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters from `decode` -> the image mean E[x|z] in [0, 1]."""
+        return torch.sigmoid(params)
+
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
