@@ -10,7 +10,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
         description="Export a trained VAE's encoder (x -> mean, logvar) and decoder "
-                    "(z -> logits, probs) to ONNX with a dynamic batch axis, verify both against "
+                    "(z -> likelihood params, image mean) to ONNX with a dynamic batch axis, verify both against "
                     "PyTorch on real validation images, and write model.json beside them. "
                     "Nothing is written when verification fails.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -61,7 +61,7 @@ def metadata_for(config: TrainConfig, state: dict, opset: int) -> dict:
         "training_step": int(state.get("step", 0)),
         "config_sha256": hashlib.sha256(json.dumps(config_dict, sort_keys=True).encode()).hexdigest(),
         "encoder": {"file": "encoder.onnx", "inputs": ["x"], "outputs": ["mean", "logvar"]},
-        "decoder": {"file": "decoder.onnx", "inputs": ["z"], "outputs": ["logits", "probs"]},
+        "decoder": {"file": "decoder.onnx", "inputs": ["z"], "outputs": ["params", "image"]},
     }
 
 
@@ -89,7 +89,7 @@ def verify_parity(model: ConvVAE, encoder_path: Path, decoder_path: Path, images
         z = rng.standard_normal((batch, model.config.latent_dim)).astype(np.float32)
         with torch.no_grad():
             posterior = model.encode(torch.from_numpy(x))
-            probs = torch.sigmoid(model.decode(torch.from_numpy(z)))
+            probs = model.image_mean(model.decode(torch.from_numpy(z)))
         mean, logvar = encoder.run(None, {"x": x})
         _, onnx_probs = decoder.run(None, {"z": z})
         worst["mean"] = max(worst["mean"], float(np.abs(mean - posterior.mean.numpy()).max()))
@@ -113,7 +113,7 @@ def export_model(model: ConvVAE, config: TrainConfig, state: dict, out_dir: str 
     side, channels = config.model.image_size, config.model.channels
     _export(EncoderGraph(model), torch.rand(2, channels, side, side), "x", ["mean", "logvar"],
             staging / "encoder.onnx", opset)
-    _export(DecoderGraph(model), torch.randn(2, latent), "z", ["logits", "probs"],
+    _export(DecoderGraph(model), torch.randn(2, latent), "z", ["params", "image"],
             staging / "decoder.onnx", opset)
     metadata = metadata_for(config, state, opset)
     for name in ("encoder.onnx", "decoder.onnx"):
