@@ -1,0 +1,452 @@
+"""`python -m serve http`: the model over HTTP (FastAPI + uvicorn) with dynamic batching.
+
+Endpoints under /v1/: sample, decode, encode, reconstruct, interpolate, score. Images come in as a
+JSON body {"images": [[[[...]]]]} (B, C, H, W) floats in [0, 1], as PNG uploads (multipart/form-data,
+any field name, several files allowed) or as one raw image body (Content-Type: image/png).
+Answers are JSON, or a PNG image/grid with `?format=png`. /healthz, /readyz, /metrics, /docs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import json
+import logging
+import os
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from pipeline.images import decode_image, encode_png, make_grid, nchw_to_nhwc, nhwc_to_nchw, to_uint8, to_unit_float
+from serve.batching import BatchingOptions, DynamicBatcher, QueueFull
+from serve.runtime import (LOGVAR_MAX, LOGVAR_MIN, VAERuntime, interpolate_latents, latents_for_score, score_from_parts,
+                           score_noise)
+
+TOKEN_ENV = "VAE_SERVE_TOKEN"
+Output = Literal["json", "png"]
+log = logging.getLogger("serve.http")
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """Limits and batching of the HTTP service."""
+
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+    """Dynamic batching (max batch size, max queue delay, bounded queue)."""
+    max_items: int = 256
+    """Most images or latents in one request."""
+    max_score_samples: int = 64
+    """Most z samples per image for /v1/score."""
+    max_body_bytes: int = 16 << 20
+    """Largest request body; bigger ones get 413."""
+    token: str = ""
+    """Bearer token required on /v1/* and /metrics when not empty (default: $VAE_SERVE_TOKEN)."""
+    threshold: float | None = None
+    """Anomaly threshold (from `score --calibrate`): /v1/score then says which images exceed it."""
+    retry_after_s: int = 1
+    """Retry-After sent with 503 when the queue is full."""
+
+
+class BadInput(ValueError):
+    """A request problem the client must fix: answered with 4xx and this message."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- request/response bodies
+
+class SampleRequest(BaseModel):
+    n: int = Field(1, ge=1, description="number of images")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; omitted: a random one, echoed back")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="scale of z ~ N(0, I)")
+
+
+class DecodeRequest(BaseModel):
+    z: list[list[float]] = Field(..., description="latents (B, latent_dim)")
+
+
+class ImagesBody(BaseModel):
+    images: list[list[list[list[float]]]] = Field(..., description="(B, C, H, W) floats in [0, 1]")
+
+
+class ImagesResponse(BaseModel):
+    images: list = Field(..., description="(B, C, H, W) pixel means in [0, 1]")
+    shape: list[int]
+    seed: int | None = None
+
+
+class EncodeResponse(BaseModel):
+    mean: list[list[float]]
+    logvar: list[list[float]]
+    z: list[list[float]] | None = Field(None, description="z ~ q(z|x) when sample=true")
+    seed: int | None = None
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float] = Field(..., description="negative ELBO (or IWAE bound) per image, nats; higher = more anomalous")
+    method: str
+    num_samples: int
+    seed: int
+    threshold: float | None = None
+    is_anomaly: list[bool] | None = None
+
+
+IMAGE_BODY = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": ImagesBody.model_json_schema()},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+    }}
+}
+
+
+# ---------------------------------------------------------------- the application
+
+class Service:
+    """The runtime, the two batchers and the metrics behind one app."""
+
+    def __init__(self, runtime: VAERuntime, options: ServiceOptions) -> None:
+        self.runtime = runtime
+        self.options = options
+        self.ready = False
+        self.registry = CollectorRegistry()
+        self.requests = Counter("vae_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("vae_request_latency_seconds", "request latency by endpoint", ["endpoint"],
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+                                 registry=self.registry)
+        self.batch_rows = Histogram("vae_batch_size", "rows per device call", ["graph"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+                                    registry=self.registry)
+        self.queue_depth = Gauge("vae_queue_depth", "requests waiting for a device batch", ["graph"],
+                                 registry=self.registry)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="device")  # one device call at a time
+        self.encoder: DynamicBatcher | None = None
+        self.decoder: DynamicBatcher | None = None
+
+    def start(self) -> None:
+        batching = self.options.batching
+        self.encoder = DynamicBatcher(
+            "encoder", lambda x: self.runtime.encoder.run(x, ["mean", "logvar"], self.runtime.batch_size), batching,
+            self.executor, on_batch=self.batch_rows.labels("encoder").observe,
+            on_depth=self.queue_depth.labels("encoder").set)
+        self.decoder = DynamicBatcher(
+            "decoder", lambda z: self.runtime.decoder.run(z, ["params", "image"], self.runtime.batch_size), batching,
+            self.executor, on_batch=self.batch_rows.labels("decoder").observe,
+            on_depth=self.queue_depth.labels("decoder").set)
+        self.encoder.start()
+        self.decoder.start()
+
+    async def warm_up(self) -> None:
+        """One small and one full batch through each graph (first calls allocate and optimise)."""
+        loop = asyncio.get_running_loop()
+        channels, height, width = self.runtime.image_shape
+        for rows in sorted({1, self.options.batching.max_batch_size}):
+            x = np.full((rows, channels, height, width), 0.5, np.float32)
+            z = np.zeros((rows, self.runtime.latent_dim), np.float32)
+            await loop.run_in_executor(self.executor, self.runtime.encoder.run, x, ["mean", "logvar"], rows)
+            await loop.run_in_executor(self.executor, self.runtime.decoder.run, z, ["params", "image"], rows)
+        self.ready = True
+
+    async def stop(self) -> None:
+        for batcher in (self.encoder, self.decoder):
+            if batcher is not None:
+                await batcher.stop()
+        self.executor.shutdown(wait=True)
+
+    async def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, logvar = await self.encoder.submit(x)
+        return mean, np.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
+
+    async def decode(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        params, image = await self.decoder.submit(np.ascontiguousarray(z, dtype=np.float32))
+        return params, image
+
+
+def _array_from_json(value, name: str) -> np.ndarray:
+    """Nested JSON lists to a float array; the error names what is wrong with them."""
+    try:
+        array = np.asarray(value)
+    except ValueError as error:
+        raise BadInput(f"{name}: not a rectangular array ({error})") from error
+    if array.dtype == object:
+        raise BadInput(f"{name}: not a rectangular array of numbers (ragged lists, nulls or mixed types)")
+    if array.dtype == np.bool_:
+        raise BadInput(f"{name}: expected numbers, got booleans")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise BadInput(f"{name}: expected numbers, got {array.dtype.kind == 'U' and 'strings' or array.dtype}")
+    return array.astype(np.float64)
+
+
+def _format_response(images: np.ndarray, output: str, extra: dict, num_cols: int = 8) -> Response:
+    if output == "png":
+        pixels = to_uint8(nchw_to_nhwc(images))
+        png = encode_png(pixels[0] if len(pixels) == 1 else make_grid(pixels, num_cols=num_cols))
+        return Response(png, media_type="image/png", headers={"X-Images": str(len(images))})
+    return JSONResponse({"images": np.round(images.astype(np.float64), 6).tolist(), "shape": list(images.shape), **extra})
+
+
+def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> FastAPI:
+    """The FastAPI app serving `runtime` (a uvicorn target: `uvicorn.run(create_app(...))`)."""
+    options = options or ServiceOptions(token=os.environ.get(TOKEN_ENV, ""))
+    problems = options.batching.problems()
+    if options.max_items < 1:
+        problems.append(f"max_items must be >= 1, got {options.max_items}")
+    if problems:
+        raise ValueError("invalid service options: " + "; ".join(problems))
+    service = Service(runtime, options)
+    channels, height, width = runtime.image_shape
+    max_items = options.max_items
+
+    # FastAPI >= 0.16x also caps bodies sent without Content-Length (chunked) on every route
+    body_limit = ({"max_body_size": options.max_body_bytes}
+                  if "max_body_size" in inspect.signature(FastAPI).parameters else {})
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        warm = asyncio.create_task(service.warm_up())
+        try:
+            yield
+        finally:
+            # uvicorn has already let in-flight requests finish; drain what is queued, then stop.
+            await warm
+            await service.stop()
+
+    app = FastAPI(title="vae-pipeline serve", version="1",
+                  description=f"Exported VAE ({runtime.metadata.get('likelihood')} likelihood, latent "
+                              f"{runtime.latent_dim}, images {channels}x{height}x{width}) with dynamic batching.",
+                  lifespan=lifespan, **body_limit)
+    app.state.service = service
+    bearer = HTTPBearer(auto_error=False)
+
+    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not options.token:
+            return
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), options.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer $VAE_SERVE_TOKEN)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    # -------------------------------------------------------- middleware: body limit, metrics, errors
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > options.max_body_bytes):
+            response = JSONResponse({"detail": f"request body of {length} bytes exceeds the limit of "
+                                               f"{options.max_body_bytes} bytes"}, status_code=413)
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        service.requests.labels(endpoint, str(response.status_code)).inc()
+        service.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(BadInput)
+    async def bad_input(request: Request, error: BadInput):
+        return JSONResponse({"detail": str(error)}, status_code=error.status)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, error: QueueFull):
+        return JSONResponse({"detail": f"server busy: {error}; retry later"}, status_code=503,
+                            headers={"Retry-After": str(options.retry_after_s)})
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with 413 past max_body_bytes even without a Content-Length."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > options.max_body_bytes:
+                raise BadInput(f"request body exceeds the limit of {options.max_body_bytes} bytes", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_images(request: Request) -> np.ndarray:
+        """(B, C, H, W) float32 in [0, 1] from a JSON, multipart or raw image body."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            body = await read_body(request)  # enforce the limit before parsing
+
+            async def replay() -> dict:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            try:
+                form = await Request(request.scope, replay).form(max_files=max_items + 1, max_fields=max_items + 1)
+            except Exception as error:  # python-multipart raises several types for malformed bodies
+                raise BadInput(f"malformed multipart body: {error}", 400) from error
+            uploads = [value for _, value in form.multi_items() if hasattr(value, "read")]
+            if not uploads:
+                raise BadInput("multipart body holds no files: upload PNG images as file fields")
+            blobs = [await upload.read() for upload in uploads]
+            return _images_from_blobs(blobs)
+        body = await read_body(request)
+        if content_type.startswith("image/") or content_type == "application/octet-stream":
+            return _images_from_blobs([body])
+        if content_type not in ("application/json", ""):
+            raise BadInput(f"unsupported Content-Type {content_type!r}: send application/json, "
+                           "multipart/form-data or image/png", 415)
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise BadInput(f"body is not valid JSON: {error}", 400) from error
+        if not isinstance(payload, dict) or "images" not in payload:
+            raise BadInput('expected a JSON object {"images": [...]} with images of shape '
+                           f"(B, {channels}, {height}, {width})")
+        x = _array_from_json(payload["images"], "images")
+        if x.ndim >= 1 and len(x) > max_items:
+            raise BadInput(f"too many images: {len(x)} > {max_items} per request", 413)
+        if x.ndim == 4 and len(x) == 0:
+            raise BadInput("images: empty batch")
+        return check(runtime.check_images, x)
+
+    def _images_from_blobs(blobs: list[bytes]) -> np.ndarray:
+        if len(blobs) > max_items:
+            raise BadInput(f"too many images: {len(blobs)} > {max_items} per request", 413)
+        images = []
+        for index, blob in enumerate(blobs):
+            try:
+                image = decode_image(blob, channels=channels)
+            except ValueError as error:
+                raise BadInput(f"image {index}: {error}") from error
+            if image.shape[:2] != (height, width):
+                raise BadInput(f"image {index}: expected {height}x{width} pixels, got "
+                               f"{image.shape[0]}x{image.shape[1]}")
+            images.append(image)
+        return nhwc_to_nchw(to_unit_float(np.stack(images)))
+
+    def check(function, *args):
+        try:
+            return function(*args)
+        except (ValueError, TypeError) as error:
+            raise BadInput(str(error)) from error
+
+    def new_seed(seed: int | None) -> int:
+        return secrets.randbits(32) if seed is None else seed
+
+    # -------------------------------------------------------- probes
+
+    @app.get("/healthz", tags=["probes"], summary="the process is alive")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["probes"], summary="model loaded and warmed up")
+    async def readyz():
+        if not service.ready:
+            return JSONResponse({"status": "warming up"}, status_code=503)
+        return {"status": "ready", "provider": runtime.provider, "latent_dim": runtime.latent_dim,
+                "image_shape": list(runtime.image_shape), "likelihood": runtime.likelihood}
+
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics", dependencies=[Depends(require_token)])
+    async def metrics():
+        for name, batcher in (("encoder", service.encoder), ("decoder", service.decoder)):
+            service.queue_depth.labels(name).set(batcher.depth if batcher else 0)
+        return PlainTextResponse(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -------------------------------------------------------- the model
+
+    @app.post("/v1/sample", tags=["model"], response_model=ImagesResponse, dependencies=[Depends(require_token)],
+              responses={200: {"content": {"image/png": {}}}}, summary="new images from z ~ N(0, T^2 I)")
+    async def sample(body: SampleRequest, format: Output = "json"):
+        if body.n > max_items:
+            raise BadInput(f"too many images: n={body.n} > {max_items} per request", 413)
+        seed = new_seed(body.seed)
+        z = check(runtime.sample_latents, body.n, seed, body.temperature)
+        _, images = await service.decode(z)
+        return _format_response(images, format, {"seed": seed})
+
+    @app.post("/v1/decode", tags=["model"], response_model=ImagesResponse, dependencies=[Depends(require_token)],
+              responses={200: {"content": {"image/png": {}}}}, summary="latents to images")
+    async def decode(body: DecodeRequest, format: Output = "json"):
+        if len(body.z) > max_items:
+            raise BadInput(f"too many latents: {len(body.z)} > {max_items} per request", 413)
+        z = check(runtime.check_latents, _array_from_json(body.z, "z"))
+        if len(z) == 0:
+            raise BadInput("z: empty batch")
+        _, images = await service.decode(z)
+        return _format_response(images, format, {})
+
+    @app.post("/v1/encode", tags=["model"], response_model=EncodeResponse, dependencies=[Depends(require_token)],
+              openapi_extra=IMAGE_BODY, summary="images to q(z|x): mean and log-variance (and a sampled z)")
+    async def encode(request: Request, sample: bool = False, seed: int | None = Query(None, ge=0, lt=2**63)):
+        x = await read_images(request)
+        mean, logvar = await service.encode(x)
+        result = {"mean": np.round(mean.astype(np.float64), 6).tolist(),
+                  "logvar": np.round(logvar.astype(np.float64), 6).tolist()}
+        if sample:
+            seed = new_seed(seed)
+            eps = np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32)
+            result.update(z=np.round((mean + np.exp(0.5 * logvar) * eps).astype(np.float64), 6).tolist(), seed=seed)
+        return JSONResponse(result)
+
+    @app.post("/v1/reconstruct", tags=["model"], response_model=ImagesResponse, dependencies=[Depends(require_token)],
+              openapi_extra=IMAGE_BODY, responses={200: {"content": {"image/png": {}}}},
+              summary="decode the posterior mean of each image")
+    async def reconstruct(request: Request, format: Output = "json"):
+        x = await read_images(request)
+        mean, _ = await service.encode(x)
+        _, images = await service.decode(mean)
+        return _format_response(images, format, {})
+
+    @app.post("/v1/interpolate", tags=["model"], response_model=ImagesResponse,
+              dependencies=[Depends(require_token)], openapi_extra=IMAGE_BODY,
+              responses={200: {"content": {"image/png": {}}}},
+              summary="decoded path between two images' latents (send exactly two images)")
+    async def interpolate(request: Request, steps: int = Query(8, ge=2), mode: Literal["linear", "slerp"] = "linear",
+                          format: Output = "json"):
+        if steps > max_items:
+            raise BadInput(f"too many steps: {steps} > {max_items} per request", 413)
+        x = await read_images(request)
+        if len(x) != 2:
+            raise BadInput(f"interpolate takes exactly 2 images (a, b), got {len(x)}")
+        mean, _ = await service.encode(x)
+        z = interpolate_latents(mean[0], mean[1], steps, mode)
+        _, images = await service.decode(z)
+        return _format_response(images, format, {}, num_cols=steps)
+
+    @app.post("/v1/score", tags=["model"], response_model=ScoreResponse, dependencies=[Depends(require_token)],
+              openapi_extra=IMAGE_BODY, summary="anomaly score per image (negative ELBO or IWAE bound, nats)")
+    async def score(request: Request, num_samples: int = Query(1, ge=1), method: Literal["elbo", "iwae"] = "elbo",
+                    seed: int = Query(0, ge=0, lt=2**63)):
+        if num_samples > options.max_score_samples:
+            raise BadInput(f"num_samples={num_samples} > {options.max_score_samples}", 422)
+        x = await read_images(request)
+        if len(x) * num_samples > 8 * max_items:
+            raise BadInput(f"{len(x)} images x num_samples={num_samples} exceeds {8 * max_items} decoder rows", 413)
+        mean, logvar = await service.encode(x)
+        eps = score_noise(len(x), num_samples, runtime.latent_dim, seed)
+        z = latents_for_score(mean, logvar, eps).reshape(-1, runtime.latent_dim)
+        params, _ = await service.decode(z)
+        scores = score_from_parts(x, mean, logvar, eps, params, method, runtime.likelihood, runtime.likelihood_params)
+        result = {"scores": [float(s) for s in scores], "method": method, "num_samples": num_samples, "seed": seed}
+        if options.threshold is not None:
+            result.update(threshold=options.threshold, is_anomaly=[bool(s > options.threshold) for s in scores])
+        return JSONResponse(result)
+
+    return app
+
+
+def serve(runtime: VAERuntime, options: ServiceOptions, host: str = "127.0.0.1", port: int = 8000,
+          graceful_timeout_s: float = 30.0, log_level: str = "info") -> None:
+    """Run the service until SIGINT/SIGTERM; in-flight requests finish first."""
+    import uvicorn
+
+    app = create_app(runtime, options)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=graceful_timeout_s, lifespan="on")
+    uvicorn.Server(config).run()
