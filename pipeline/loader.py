@@ -4,25 +4,32 @@ Why a custom IterableDataset rather than webdataset's default pipeline: under to
 default node splitter raises, nodes are split before shards are shuffled, and uneven shards give
 ranks unequal batch counts, which hangs DDP. Here the number of batches per rank per epoch is
 computed from the manifest, and each (rank, worker) reads an endless, reshuffled stream of its
-own shards, so every rank always yields exactly that many full batches. Opening URLs is left to
-webdataset's `gopen` (local paths, http(s)://, pipe:).
+own shards, so every rank always yields exactly that many full batches, whatever the shards hold
+(bad data included: skipped samples are made up from the next pass, never left missing).
+
+Shard order, the split of shards over (rank, worker) streams and the in-stream shuffle all derive
+from (seed, epoch), so a job restarted at epoch E reads epoch E exactly as an uninterrupted job.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import tarfile
 import warnings
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import gopen
 
-from pipeline.manifest import Manifest, read_manifest
-from pipeline.shards import decode_sample, iter_tar_samples
+from pipeline.errors import DataError, DataErrors, ErrorBudget
+from pipeline.manifest import Manifest
+from pipeline.shards import decode_samples, iter_tar_samples
+from pipeline.urls import DEFAULT_RETRY, RetryPolicy, ShardOpenError, open_url, resolve_split
 
 
 @dataclass(frozen=True)
@@ -38,83 +45,146 @@ class ShardSet:
         return sum(self.counts)
 
 
-def open_split(location: str, split: str) -> ShardSet:
-    """A directory (or URL prefix) holding manifest.json, resolved to one split's shard URLs."""
-    if "://" in location and not location.startswith("file://"):
-        import json
-        import urllib.request
-
-        base = location.rstrip("/")
-        with urllib.request.urlopen(f"{base}/manifest.json", timeout=30) as response:
-            manifest = Manifest.from_dict(json.loads(response.read()))
-        urls = [f"{base}/{shard.name}" for shard in manifest.shards(split)]
-    else:
-        directory = Path(location.removeprefix("file://"))
-        manifest = read_manifest(directory)
-        urls = [str(directory / shard.name) for shard in manifest.shards(split)]
-    return ShardSet(urls, [shard.num_samples for shard in manifest.shards(split)], manifest)
+def open_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY) -> ShardSet:
+    """One split's shard URLs and counts from a directory or URL prefix holding manifest.json,
+    a brace pattern (`dir/train-{000000..000009}.tar`), http(s):// URLs or `pipe:` commands."""
+    urls, counts, manifest = resolve_split(location, split, retry)
+    return ShardSet(urls, counts, manifest)
 
 
-def _shuffled(items: list, seed: int) -> list:
-    order = np.random.default_rng(seed).permutation(len(items))
-    return [items[i] for i in order]
+def _samples_in(sample: dict) -> int:
+    """How many images a sample that failed to decode held (blocks list their keys)."""
+    try:
+        return len(json.loads(sample["keys.json"])) if "keys.json" in sample else 1
+    except ValueError:
+        return 1
 
 
-def _read_samples(url: str, shape: tuple[int, int, int]) -> Iterator[tuple[np.ndarray, int]]:
-    with gopen(url, "rb") as stream:
-        for sample in iter_tar_samples(stream, url):
-            yield decode_sample(sample, shape)
+def read_shard(url: str, shape: tuple[int, int, int], expected: int | None, errors: DataErrors,
+               retry: RetryPolicy = DEFAULT_RETRY) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images (n,H,W,C) uint8, labels (n,)) chunks of one shard, bad data skipped and counted.
+
+    A URL that cannot be opened raises ShardOpenError (after retries). A tar that breaks
+    part-way, or ends before the manifest's count, counts the missing samples as skipped.
+    """
+    num_seen = 0
+    try:
+        with open_url(url, retry) as stream:
+            for sample in iter_tar_samples(stream, url):
+                try:
+                    images, labels = decode_samples(sample, shape)
+                except ValueError as error:
+                    lost = _samples_in(sample)
+                    num_seen += lost
+                    errors.skip(url, sample["__key__"], lost, str(error))
+                    continue
+                num_seen += len(images)
+                errors.count_read(len(images))
+                yield images, labels
+    except ShardOpenError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        lost = max(1, (expected or 0) - num_seen)
+        errors.skip(url, None, lost, f"unreadable tar after {num_seen} samples: {error}", bad_shard=True)
+        return
+    if expected is not None and num_seen < expected:
+        errors.skip(url, None, expected - num_seen,
+                    f"tar ended after {num_seen} of {expected} samples (truncated?)", bad_shard=True)
 
 
-def _batch(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_batch(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     # uint8 NCHW: converting to float happens on the device, so a quarter of the bytes move.
-    images = torch.from_numpy(np.stack([image for image, _ in items])).permute(0, 3, 1, 2)
-    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
-    return images.contiguous(), labels
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return x, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+
+
+class _Pool:
+    """Image/label chunks waiting to be shuffled into batches."""
+
+    def __init__(self) -> None:
+        self.images: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images.append(images)
+        self.labels.append(labels)
+        self.size += len(images)
+
+    def take_shuffled(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        order = rng.permutation(self.size)
+        images = np.concatenate(self.images)[order]
+        labels = np.concatenate(self.labels)[order]
+        self.images, self.labels, self.size = [], [], 0
+        return images, labels
 
 
 class TrainStream(IterableDataset):
-    """Endless stream of full uint8 batches for one rank; the caller takes `batches_per_epoch`."""
+    """Endless stream of full uint8 batches for one rank; the caller takes `batches_per_epoch`.
+
+    `errors` (a DataErrors) counts skipped samples across worker processes: read
+    `stream.errors.num_skipped_samples` or `stream.errors.metrics()` to log them.
+    """
 
     def __init__(self, shards: ShardSet, *, batch_size: int, rank: int, world_size: int,
-                 seed: int, shuffle_buffer: int = 1000) -> None:
+                 seed: int, shuffle_buffer: int = 1000, errors: DataErrors | None = None,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self.shards, self.batch_size = shards, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
+        self.errors = errors or DataErrors()
+        self.retry = retry
         self.epoch = 0
 
-    def _my_shards(self, pass_seed: int) -> list[str]:
+    def _stream_id(self) -> tuple[int, int]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        num_streams = self.world_size * num_workers
-        stream = self.rank * num_workers + worker_id
-        urls = _shuffled(self.shards.urls, pass_seed)
-        if len(urls) >= num_streams:
-            return urls[stream::num_streams]
-        # Fewer shards than streams: resample shards at random rather than starve a stream.
-        rng = np.random.default_rng([pass_seed, stream])
-        return [urls[i] for i in rng.integers(0, len(urls), size=1)]
+        return self.rank * num_workers + worker_id, self.world_size * num_workers
+
+    def _my_shards(self, pass_number: int) -> list[int]:
+        """Shard indices this (rank, worker) stream reads in one pass of this epoch."""
+        stream, num_streams = self._stream_id()
+        # Same permutation on every rank and worker (it depends on seed, epoch and pass only).
+        order = np.random.default_rng([self.seed, self.epoch, pass_number]).permutation(len(self.shards.urls))
+        if len(order) >= num_streams:
+            return [int(i) for i in order[stream::num_streams]]
+        # Fewer shards than streams: resample one shard at random rather than starve a stream.
+        rng = np.random.default_rng([self.seed, self.epoch, pass_number, stream, 1])
+        return [int(rng.integers(len(order)))]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shape = self.shards.manifest.image_shape
-        pending: list[tuple[np.ndarray, int]] = []
-        for pass_number in range(1 << 30):
-            pass_seed = self.seed * 1_000_003 + self.epoch * 1009 + pass_number
-            rng = np.random.default_rng([pass_seed, self.rank])
-            buffer: list[tuple[np.ndarray, int]] = []
-            for url in self._my_shards(pass_seed):
-                for item in _read_samples(url, shape):
-                    buffer.append(item)
-                    if len(buffer) >= self.shuffle_buffer:
-                        pending.append(buffer.pop(int(rng.integers(len(buffer)))))
-                    if len(pending) == self.batch_size:
-                        yield _batch(pending)
-                        pending = []
-            for index in rng.permutation(len(buffer)):
-                pending.append(buffer[index])
-                if len(pending) == self.batch_size:
-                    yield _batch(pending)
-                    pending = []
+        batch = self.batch_size
+        stream, _ = self._stream_id()
+        pool = _Pool()
+        for pass_number in itertools.count():
+            rng = np.random.default_rng([self.seed, self.epoch, pass_number, stream, 2])
+            num_before = pool.size
+            num_added = 0
+            for index in self._my_shards(pass_number):
+                url, expected = self.shards.urls[index], self.shards.counts[index]
+                for images, labels in read_shard(url, shape, expected, self.errors, self.retry):
+                    pool.add(images, labels)
+                    num_added += len(images)
+                    # Shuffle a window of 2 x shuffle_buffer, emit the first half as batches and
+                    # keep the rest to mix with what comes next (vectorised: no per-image Python).
+                    if pool.size >= 2 * self.shuffle_buffer + batch:
+                        x, y = pool.take_shuffled(rng)
+                        emit = (len(x) - self.shuffle_buffer) // batch * batch
+                        for start in range(0, emit, batch):
+                            yield _to_batch(x[start : start + batch], y[start : start + batch])
+                        pool.add(x[emit:], y[emit:])
+            if num_added == 0 and num_before == pool.size:
+                raise DataError(f"a whole pass over {self._my_shards(pass_number)} of "
+                                f"{len(self.shards.urls)} shards gave no samples "
+                                f"(first shard {self.shards.urls[0]})")
+            # End of the pass: every full batch out; fewer than one batch carries to the next pass.
+            x, y = pool.take_shuffled(rng)
+            emit = len(x) // batch * batch
+            for start in range(0, emit, batch):
+                yield _to_batch(x[start : start + batch], y[start : start + batch])
+            if emit < len(x):
+                pool.add(x[emit:], y[emit:])
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -129,8 +199,13 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int
 
 
 def make_train_loader(shards: ShardSet, *, batch_size: int, rank: int, world_size: int,
-                      seed: int, num_workers: int = 1, epoch: int = 0) -> DataLoader:
-    """DataLoader over one rank's endless stream; set `.dataset.epoch` to reshuffle."""
+                      seed: int, num_workers: int = 1, epoch: int = 0,
+                      error_budget: ErrorBudget | None = None, retry: RetryPolicy = DEFAULT_RETRY,
+                      shuffle_buffer: int = 1000) -> DataLoader:
+    """DataLoader over one rank's endless stream; set `.dataset.epoch` to reshuffle.
+
+    Bad-data counts for metrics: `loader.dataset.errors.metrics()` (skipped samples, bad shards).
+    """
     num_streams = world_size * max(num_workers, 1)
     if len(shards.urls) < num_streams and rank == 0:
         warnings.warn(
@@ -139,36 +214,46 @@ def make_train_loader(shards: ShardSet, *, batch_size: int, rank: int, world_siz
             "epoch is a count of samples, not one pass over each; write more, smaller shards",
             stacklevel=2,
         )
-    dataset = TrainStream(shards, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    dataset = TrainStream(shards, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                          shuffle_buffer=shuffle_buffer, errors=DataErrors(error_budget), retry=retry)
     dataset.epoch = epoch
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
-def iter_eval_batches(shards: ShardSet, *, batch_size: int, rank: int, world_size: int
+def iter_eval_batches(shards: ShardSet, *, batch_size: int, rank: int, world_size: int,
+                      errors: DataErrors | None = None, retry: RetryPolicy = DEFAULT_RETRY
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Every validation sample exactly once across ranks, as (images, labels, valid_mask).
 
-    Ranks own whole shards; every rank yields the same number of batches (padding with masked
-    zero images), so collectives line up and the padding is excluded from the metric.
+    Ranks own whole shards; every rank yields the same number of batches (computed from the
+    manifest, padding with masked zero images), so collectives line up and the padding is
+    excluded from the metric. Skipped bad samples become padding too (and are counted in `errors`).
     """
+    errors = errors or DataErrors()
     shape = shards.manifest.image_shape
     mine = list(range(rank, len(shards.urls), world_size))
     per_rank = [sum(shards.counts[i] for i in range(r, len(shards.urls), world_size))
                 for r in range(world_size)]
     num_batches = max(math.ceil(count / batch_size) for count in per_rank)
-    pending: list[tuple[np.ndarray, int]] = []
-    emitted = 0
-    stream = (item for index in mine for item in _read_samples(shards.urls[index], shape))
-    while emitted < num_batches:
-        for item in stream:
-            pending.append(item)
-            if len(pending) == batch_size:
+    chunks = (chunk for index in mine
+              for chunk in read_shard(shards.urls[index], shape, shards.counts[index], errors, retry))
+    pool = _Pool()
+    for _ in range(num_batches):
+        for images, labels in chunks:
+            pool.add(images, labels)
+            if pool.size >= batch_size:
                 break
-        num_valid = len(pending)
-        pending += [(np.zeros(shape, np.uint8), -1)] * (batch_size - num_valid)
-        images, labels = _batch(pending)
-        mask = torch.arange(batch_size) < num_valid
-        yield images, labels, mask
-        pending = []
-        emitted += 1
+        images = np.concatenate(pool.images) if pool.images else np.zeros((0, *shape), np.uint8)
+        labels = np.concatenate(pool.labels) if pool.labels else np.zeros(0, np.int64)
+        pool = _Pool()
+        if len(images) > batch_size:
+            pool.add(images[batch_size:], labels[batch_size:])
+            images, labels = images[:batch_size], labels[:batch_size]
+        num_valid = len(images)
+        pad = batch_size - num_valid
+        if pad:
+            images = np.concatenate([images, np.zeros((pad, *shape), np.uint8)])
+            labels = np.concatenate([labels, np.full(pad, -1, np.int64)])
+        x, y = _to_batch(images, labels)
+        yield x, y, torch.arange(batch_size) < num_valid

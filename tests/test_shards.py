@@ -61,4 +61,5 @@ def test_verify_catches_a_flipped_byte(digit_slice, tmp_path):
 
 def test_manifest_is_plain_json(small_shards):
     data = json.loads((small_shards / "manifest.json").read_text())
-    assert data["format_version"] == 1 and data["source"] == "mnist5k-slice"
+    assert data["format_version"] == 2 and data["source"] == "mnist5k-slice"
+    assert data["layout"] in ("png", "npy", "block") and len(data["channel_mean"]) == 1

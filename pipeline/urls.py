@@ -1,0 +1,194 @@
+"""Where shards live: local paths, brace patterns, http(s):// URLs and `pipe:` commands.
+
+Standard library (and webdataset's `gopen` for `pipe:` and other schemes) only, no torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
+
+SHARD_NAME = re.compile(r"([^/\s'\"?=]+\.tar)")
+
+
+class ShardOpenError(OSError):
+    """A shard or manifest URL that could not be opened (after retries, for remote ones)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try opening a remote URL before giving up."""
+
+    attempts: int = 4
+    """Tries per URL (1 means no retry); local paths are never retried."""
+    backoff_s: float = 0.5
+    """Wait before the second try; doubled for every further try."""
+    timeout_s: float = 60.0
+    """Socket timeout for http(s) connections and reads."""
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def expand_urls(spec: str) -> list[str]:
+    """`a-{000..002}.tar` -> three URLs; `::` joins several specs (as in webdataset)."""
+    urls = [url for part in spec.split("::") for url in braceexpand(part)]
+    if not urls:
+        raise ValueError(f"{spec!r} names no shards")
+    return urls
+
+
+def is_shard_spec(location: str) -> bool:
+    """True for a shard list (pattern, .tar URL, pipe: command), False for a directory/prefix."""
+    return (location.startswith("pipe:") or "{" in location or "::" in location
+            or location.rstrip("/").endswith(".tar"))
+
+
+def shard_name(url: str) -> str:
+    """The tar file name a URL or pipe: command refers to (its last `*.tar` word)."""
+    names = SHARD_NAME.findall(url)
+    if not names:
+        raise ValueError(f"{url!r}: no *.tar file name in it")
+    return names[-1]
+
+
+def sibling(url: str, name: str) -> str:
+    """The URL (or pipe: command) for file `name` in the same place as shard URL `url`."""
+    own = shard_name(url)
+    head, _, tail = url.rpartition(own)
+    return head + name + tail
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream whose first bytes were already read (to see whether a pipe produced anything)."""
+
+    def __init__(self, head: bytes, stream) -> None:
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            if size < 0:
+                data, self.head = self.head + self.stream.read(), b""
+                return data
+            data, self.head = self.head[:size], self.head[size:]
+            if len(data) < size:
+                data += self.stream.read(size - len(data))
+            return data
+        return self.stream.read(size)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.stream.close()
+            finally:
+                super().close()
+
+
+def _open_once(url: str, timeout_s: float):
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=timeout_s)
+    from webdataset.gopen import gopen
+
+    stream = gopen(url, "rb")
+    head = stream.read(512)  # a failed command exits before writing: Pipe.read raises here
+    if not head:
+        stream.close()
+        raise ShardOpenError(f"{url}: produced no data")
+    return _Prefixed(head, stream)
+
+
+def _retryable(error: Exception) -> bool:
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code >= 500 or error.code in (408, 429)
+    return isinstance(error, (OSError, ValueError))
+
+
+def open_url(url: str, retry: RetryPolicy = DEFAULT_RETRY):
+    """A readable binary stream for a local path, file://, http(s)://, pipe: or gopen URL.
+
+    Remote URLs are retried with exponential back-off (not 4xx answers, which will not change);
+    the final error names the URL and the number of attempts.
+    """
+    if not is_remote(url) and not url.startswith("pipe:"):
+        path = url.removeprefix("file://")
+        try:
+            return open(path, "rb")
+        except OSError as error:
+            raise ShardOpenError(f"{url}: cannot open: {error.strerror or error}") from error
+    last: Exception | None = None
+    attempts = max(1, retry.attempts)
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(retry.backoff_s * 2 ** (attempt - 1))
+        try:
+            return _open_once(url, retry.timeout_s)
+        except Exception as error:  # urllib, sockets and subprocesses raise many types; name the URL once
+            last = error
+            if not _retryable(error):
+                break
+    tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+    raise ShardOpenError(f"{url}: cannot open after {tries}: {last}") from last
+
+
+def read_manifest_at(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> Manifest:
+    """The manifest at a path, URL or pipe: command; errors name where it was looked for."""
+    if not is_remote(url) and not url.startswith("pipe:"):
+        return read_manifest(Path(url.removeprefix("file://")).parent)
+    with open_url(url, retry) as stream:
+        data = stream.read()
+    try:
+        return Manifest.from_dict(json.loads(data))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{url}: malformed manifest: {error}") from error
+
+
+def resolve_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY
+                  ) -> tuple[list[str], list[int], Manifest]:
+    """(shard URLs, sample counts, manifest) of one split, from any supported location.
+
+    A directory or URL prefix holds manifest.json; a shard list (brace pattern, `.tar` URL,
+    pipe: command) finds manifest.json beside its first shard. A shard list of another split
+    (the trainer asks for "val" with a train pattern) means that split's shards in the same place.
+    """
+    if is_shard_spec(location):
+        urls = expand_urls(location)
+        manifest = read_manifest_at(sibling(urls[0], MANIFEST_NAME), retry)
+        entries = []
+        for url in urls:
+            try:
+                entries.append(manifest.shard_info(shard_name(url)))
+            except KeyError:
+                raise ValueError(f"{url}: shard {shard_name(url)} is not in the manifest beside it") from None
+        splits = {entry_split for entry_split, _ in entries}
+        if splits == {split}:
+            return urls, [info.num_samples for _, info in entries], manifest
+        if len(splits) > 1:
+            raise ValueError(f"{location!r} mixes splits {sorted(splits)}; name one split's shards")
+        infos = manifest.shards(split)
+        return [sibling(urls[0], info.name) for info in infos], [i.num_samples for i in infos], manifest
+    if is_remote(location):
+        base = location.rstrip("/")
+        manifest = read_manifest_at(f"{base}/{MANIFEST_NAME}", retry)
+        infos = manifest.shards(split)
+        return [f"{base}/{info.name}" for info in infos], [i.num_samples for i in infos], manifest
+    directory = Path(location.removeprefix("file://"))
+    manifest = read_manifest(directory)
+    infos = manifest.shards(split)
+    return [str(directory / info.name) for info in infos], [i.num_samples for i in infos], manifest
