@@ -13,7 +13,8 @@ USAGE = """usage: torchrun --standalone --nproc_per_node=N -m train [--config FI
 Trains the convolutional VAE on WebDataset shards written by `python -m pipeline shards`,
 with DistributedDataParallel across the processes torchrun starts (gloo on CPU, NCCL on GPU),
 bf16 autocast where supported, atomic checkpoints (resumed automatically) and MLflow tracking.
-Each rank prints one JSON summary line at the end.
+Each rank prints one JSON summary line at the end. A job started again resumes from the newest
+checkpoint; SIGTERM saves a checkpoint and exits with 143.
 """
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from train.distributed import setup_distributed, teardown_distributed
-    from train.trainer import run_training
+    from train.trainer import EXIT_PREEMPTED, run_training
 
     context = setup_distributed()
     try:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         teardown_distributed(context)
     print(json.dumps(summary), flush=True)
-    return 0
+    return EXIT_PREEMPTED if summary.get("stopped_by") == "sigterm" else 0
 
 
 if __name__ == "__main__":

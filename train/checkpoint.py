@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: model/optimizer/scheduler only; 2 adds EMA, scaler, RNG, data position
 STATE_FILE = "state.pt"
 STEP_PREFIX = "step-"
 
@@ -31,7 +32,8 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int = 3
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{STEP_PREFIX}{step:08d}"
     temporary = directory / f".tmp-{STEP_PREFIX}{step:08d}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
+    for stale in directory.glob(f".tmp-{STEP_PREFIX}*"):  # left by a writer that was killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     temporary.mkdir()
     torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, temporary / STATE_FILE)
     (temporary / "config.json").write_text(json.dumps(state.get("config", {}), indent=2))
@@ -81,8 +83,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint's state dict safely; a wrong format version is a clear error."""
     file = resolve_checkpoint(path)
     state = torch.load(file, map_location=map_location, weights_only=True)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: checkpoint format {state.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if state.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{file}: checkpoint format {state.get('format_version')!r}, expected one of "
+                         f"{READABLE_VERSIONS}")
     return state
 
 
@@ -98,7 +101,7 @@ def load_model(path: str | Path):
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
     model = build_model(config.model)
-    weights = state.get("ema") or state["model"]
+    weights = state.get("ema") or state["model"]  # the EMA is what evaluation and export use
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:

@@ -11,6 +11,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "discretized_logistic")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -20,6 +23,10 @@ class DataConfig:
     """Images per batch on each rank (global batch = batch_size x world size)."""
     num_workers: int = 1
     """Loader worker processes per rank (0 reads in the training process)."""
+    dynamic_binarization: bool = False
+    """Bernoulli only: train on x ~ Bernoulli(pixel) drawn afresh each batch (val binarised once, fixed seed)."""
+    eval_batch_size: int = 256
+    """Images per evaluation batch on each rank."""
 
 
 @dataclass(frozen=True)
@@ -34,42 +41,68 @@ class ModelConfig:
     """Channels of the two stride-2 convolutions (the decoder mirrors them)."""
     hidden_dim: int = 256
     """Width of the dense layer between the convolutions and the latent."""
+    blocks_per_stage: int = 0
+    """Extra 3x3 conv blocks at each resolution, in encoder and decoder (the depth)."""
+    residual: bool = False
+    """Make those extra blocks residual (x + conv(act(conv(act(x)))))."""
     likelihood: str = "bernoulli"
-    """p(x|z): 'bernoulli' (cross-entropy on logits)."""
+    """p(x|z): bernoulli, gaussian (fixed sigma), gaussian_learned, discretized_logistic (8-bit)."""
+    gaussian_sigma: float = 0.1
+    """Standard deviation of the fixed-variance Gaussian likelihood (pixels in [0, 1])."""
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 2e-3
-    """Peak learning rate (Adam)."""
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 100
     """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.05
+    """The cosine decays to this fraction of the peak learning rate."""
     grad_clip: float = 5.0
     """Clip the global gradient norm to this (0 turns it off)."""
     beta: float = 1.0
-    """Weight of the KL term (1 is the true ELBO)."""
+    """Weight of the KL term (1 is the true ELBO; beta-VAE otherwise)."""
+    kl_warmup_steps: int = 0
+    """Ramp the KL weight linearly from 0 to beta over this many steps (0: no warm-up)."""
+    free_bits: float = 0.0
+    """Free bits: nats per latent unit below which the batch-mean KL is not penalised (0: off)."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of the weights used for evaluation and export (0: off)."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
     out_dir: str = "out/run"
-    """Where checkpoints go (a directory per step under checkpoints/)."""
+    """Where checkpoints go (a directory per step under checkpoints/), plus metrics.jsonl."""
     max_steps: int = 2000
-    """Stop after this many optimizer steps."""
+    """Stop after this many optimizer steps (0: no step limit)."""
+    max_epochs: float = 0.0
+    """Stop after this many epochs of the training split (0: no epoch limit)."""
     max_time_s: float = 0.0
-    """Also stop after this many seconds of training (0: no time limit)."""
+    """Stop after this many seconds of training, summed over restarts (0: no time limit)."""
     eval_interval_steps: int = 250
     """Validate (and log images) every this many steps, and at the end."""
     log_interval_steps: int = 25
-    """Log training metrics every this many steps."""
+    """Log training and system metrics every this many steps."""
     checkpoint_interval_steps: int = 500
     """Save a checkpoint every this many steps, and at the end."""
     keep_checkpoints: int = 3
     """Keep the newest this many checkpoints (at least 2)."""
+    iwae_samples: int = 0
+    """Importance samples K for the IWAE NLL at periodic evaluations (0: skip; ELBO only)."""
+    final_iwae_samples: int = 100
+    """Importance samples K for the IWAE NLL at the final evaluation (0: skip)."""
+    iwae_chunk: int = 50
+    """Importance samples decoded per pass (memory bound: chunk x eval_batch_size decodes)."""
     precision: str = "auto"
-    """'auto' (bf16 where the device supports it), 'bf16' or 'fp32'."""
+    """'auto' (bf16 where native), 'bf16', 'fp16' (CUDA only, with GradScaler) or 'fp32'."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    max_consecutive_skips: int = 20
+    """Stop with an error after this many non-finite steps in a row."""
     seed: int = 0
     """Seed for weights, noise and data order."""
     tracking_uri: str = ""
@@ -77,7 +110,11 @@ class RunConfig:
     experiment: str = "vae-pipeline"
     """MLflow experiment name."""
     run_name: str = ""
-    """MLflow run name ('' lets MLflow choose)."""
+    """MLflow run name ('' derives a readable one from the config)."""
+    system_metrics: bool = True
+    """Log system/ metrics (CPU, memory, GPU memory) with the training metrics."""
+    tracking_flush_timeout_s: float = 60.0
+    """At the end, wait this long for an unreachable tracking server before saving unsent metrics to disk."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +140,8 @@ def _coerce(value, annotation, where: str, problems: list[str]):
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1")
+            if not isinstance(value, (bool, int)):
+                raise TypeError(value)
             return bool(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
@@ -119,24 +158,44 @@ def _validate(config: TrainConfig) -> list[str]:
         problems.append(f"model.image_size: must be a positive multiple of 4, got {model.image_size}")
     if model.channels not in (1, 3):
         problems.append(f"model.channels: must be 1 or 3, got {model.channels}")
-    if model.likelihood not in ("bernoulli",):
-        problems.append(f"model.likelihood: expected 'bernoulli', got {model.likelihood!r}")
-    if len(model.widths) != 2:
-        problems.append(f"model.widths: expected two widths, got {model.widths}")
-    for name, value in (("model.latent_dim", model.latent_dim), ("data.batch_size", data.batch_size),
-                        ("run.max_steps", run.max_steps), ("run.eval_interval_steps", run.eval_interval_steps),
+    if model.likelihood not in LIKELIHOODS:
+        problems.append(f"model.likelihood: expected one of {', '.join(LIKELIHOODS)}, got {model.likelihood!r}")
+    if len(model.widths) != 2 or min(model.widths, default=0) < 1:
+        problems.append(f"model.widths: expected two positive widths, got {model.widths}")
+    if model.gaussian_sigma <= 0:
+        problems.append(f"model.gaussian_sigma: must be > 0, got {model.gaussian_sigma}")
+    if data.dynamic_binarization and model.likelihood != "bernoulli":
+        problems.append(f"data.dynamic_binarization: needs model.likelihood=bernoulli, got {model.likelihood!r}")
+    for name, value in (("model.latent_dim", model.latent_dim), ("model.hidden_dim", model.hidden_dim),
+                        ("data.batch_size", data.batch_size), ("data.eval_batch_size", data.eval_batch_size),
+                        ("run.eval_interval_steps", run.eval_interval_steps),
                         ("run.log_interval_steps", run.log_interval_steps),
-                        ("run.checkpoint_interval_steps", run.checkpoint_interval_steps)):
+                        ("run.checkpoint_interval_steps", run.checkpoint_interval_steps),
+                        ("run.iwae_chunk", run.iwae_chunk),
+                        ("run.max_consecutive_skips", run.max_consecutive_skips)):
         if value < 1:
             problems.append(f"{name}: must be >= 1, got {value}")
-    if data.num_workers < 0:
-        problems.append(f"data.num_workers: must be >= 0, got {data.num_workers}")
+    for name, value in (("model.blocks_per_stage", model.blocks_per_stage), ("data.num_workers", data.num_workers),
+                        ("run.max_steps", run.max_steps), ("run.max_epochs", run.max_epochs),
+                        ("run.max_time_s", run.max_time_s), ("run.iwae_samples", run.iwae_samples),
+                        ("run.final_iwae_samples", run.final_iwae_samples),
+                        ("optim.warmup_steps", optim.warmup_steps), ("optim.kl_warmup_steps", optim.kl_warmup_steps),
+                        ("optim.free_bits", optim.free_bits), ("optim.beta", optim.beta),
+                        ("optim.weight_decay", optim.weight_decay), ("optim.grad_clip", optim.grad_clip)):
+        if value < 0:
+            problems.append(f"{name}: must be >= 0, got {value}")
+    if run.max_steps == 0 and run.max_epochs == 0 and run.max_time_s == 0:
+        problems.append("run.max_steps, run.max_epochs, run.max_time_s: give at least one limit (all are 0)")
     if run.keep_checkpoints < 2:
         problems.append(f"run.keep_checkpoints: must be >= 2, got {run.keep_checkpoints}")
-    if run.precision not in ("auto", "bf16", "fp32"):
-        problems.append(f"run.precision: expected auto, bf16 or fp32, got {run.precision!r}")
+    if run.precision not in PRECISIONS:
+        problems.append(f"run.precision: expected one of {', '.join(PRECISIONS)}, got {run.precision!r}")
     if optim.lr <= 0:
         problems.append(f"optim.lr: must be > 0, got {optim.lr}")
+    if not 0 <= optim.ema_decay < 1:
+        problems.append(f"optim.ema_decay: must be in [0, 1), got {optim.ema_decay}")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio: must be in [0, 1], got {optim.min_lr_ratio}")
     return problems
 
 

@@ -1,4 +1,4 @@
-"""A convolutional VAE: encode(x) -> DiagonalGaussian, decode(z) -> Bernoulli logits."""
+"""A convolutional VAE: encode(x) -> DiagonalGaussian, decode(z) -> likelihood parameters."""
 
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ class DiagonalGaussian:
         mean, logvar = self.mean.float(), self.logvar.float()
         return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=1)
 
+    def kl_per_unit(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per item and latent unit (B, latent), in fp32 (for free bits)."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log q(z|x) per item (nats)."""
         mean, logvar = self.mean.float(), self.logvar.float()
@@ -43,19 +48,56 @@ class DiagonalGaussian:
             math.log(2 * math.pi) + logvar + (z.float() - mean).pow(2) / logvar.exp(), dim=1)
 
 
+# Bounds on the log-scale channels of gaussian_learned / discretized_logistic, applied in decode so
+# the parameters consumers see are the ones the loss used (see train.loss).
+LOG_SCALE_MIN, LOG_SCALE_MAX = -7.0, 3.0
+
+
+def _stage(width: int, num_blocks: int, residual: bool) -> list[nn.Module]:
+    return [ResidualBlock(width) if residual else PlainBlock(width) for _ in range(num_blocks)]
+
+
+class PlainBlock(nn.Sequential):
+    """3x3 convolution and activation at constant resolution."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(nn.Conv2d(width, width, 3, padding=1), nn.SiLU())
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(act(conv(act(x)))), the last convolution zero-initialised so a block starts as identity."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
+                                  nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class ConvVAE(nn.Module):
-    """Two stride-2 convolutions down, a dense bottleneck, two transposed convolutions up."""
+    """Two stride-2 convolutions down (with optional blocks at each resolution), a dense
+    bottleneck, and the mirror image up to the likelihood's parameters."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        from train.loss import param_channels  # loss imports this module; import at build time
+
         self.config = config
         width1, width2 = config.widths
+        depth, residual = config.blocks_per_stage, config.residual
         side = config.image_size // 4
         self.feature_shape = (width2, side, side)
         features = width2 * side * side
+        self.num_param_channels = param_channels(config.likelihood, config.channels)
         self.encoder = nn.Sequential(
             nn.Conv2d(config.channels, width1, 4, stride=2, padding=1), nn.SiLU(),  # (B, w1, S/2, S/2)
+            *_stage(width1, depth, residual),
             nn.Conv2d(width1, width2, 4, stride=2, padding=1), nn.SiLU(),           # (B, w2, S/4, S/4)
+            *_stage(width2, depth, residual),
             nn.Flatten(),
             nn.Linear(features, config.hidden_dim), nn.SiLU(),
             nn.Linear(config.hidden_dim, 2 * config.latent_dim),                    # (B, 2 * latent)
@@ -65,9 +107,19 @@ class ConvVAE(nn.Module):
             nn.Linear(config.hidden_dim, features), nn.SiLU(),
         )
         self.decoder_conv = nn.Sequential(
+            *_stage(width2, depth, residual),
             nn.ConvTranspose2d(width2, width1, 4, stride=2, padding=1), nn.SiLU(),  # (B, w1, S/2, S/2)
-            nn.ConvTranspose2d(width1, config.channels, 4, stride=2, padding=1),    # (B, C, S, S) logits
+            *_stage(width1, depth, residual),
+            nn.ConvTranspose2d(width1, self.num_param_channels, 4, stride=2, padding=1),  # (B, P, S, S)
         )
+        if config.likelihood in ("gaussian", "gaussian_learned", "discretized_logistic"):
+            # start the mean at mid-grey and the scale at about 1/8, not at the edges of [0, 1]
+            last = self.decoder_conv[-1]
+            nn.init.zeros_(last.bias)
+            with torch.no_grad():
+                last.bias[: config.channels] = 0.5
+                if self.num_param_channels > config.channels:
+                    last.bias[config.channels:] = -2.0
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Images in [0, 1], (B, C, H, W) -> q(z|x)."""
@@ -75,13 +127,27 @@ class ConvVAE(nn.Module):
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, latent) -> Bernoulli logits (B, C, H, W)."""
+        """Latents (B, latent) -> likelihood parameters (B, C or 2C, H, W); layouts in train.loss."""
         features = self.decoder_dense(z).view(-1, *self.feature_shape)
-        return self.decoder_conv(features)
+        params = self.decoder_conv(features)
+        if self.num_param_channels > self.config.channels:
+            mean, log_scale = params.chunk(2, dim=1)
+            params = torch.cat([mean, log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)], dim=1)
+        return params
 
     def image_mean(self, params: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters from `decode` -> the image mean E[x|z] in [0, 1]."""
-        return torch.sigmoid(params)
+        from train.loss import image_mean
+
+        return image_mean(params, self.config.likelihood)
+
+    def likelihood_params(self) -> dict[str, float]:
+        """Constants of the likelihood that are not in `decode`'s output (for model.json)."""
+        if self.config.likelihood == "gaussian":
+            return {"sigma": self.config.gaussian_sigma}
+        if self.config.likelihood == "discretized_logistic":
+            return {"bin_width": 1 / 255}
+        return {}
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, DiagonalGaussian]:

@@ -1,42 +1,58 @@
-"""The training loop: build, resume, loop over steps, evaluate/log/save at intervals."""
+"""The training loop: build, resume, loop over steps, evaluate/log/save at intervals, tear down."""
 
 from __future__ import annotations
 
+import copy
 import itertools
-import json
 import math
+import signal
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.images import make_grid
-from pipeline.loader import batches_per_epoch, make_train_loader, open_split
+from pipeline.loader import ShardSet, batches_per_epoch, iter_eval_batches, make_train_loader, open_split
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, config_to_dict
 from train.distributed import DistContext, all_reduce_sum
-from train.evaluate import evaluate, sample_grid_images
-from train.loss import vae_loss
+from train.evaluate import binarize, evaluate, interpolation_images, sample_grid_images
+from train.loss import training_objective, vae_loss
 from train.model import ConvVAE, build_model
-from train.precision import autocast, resolve_precision
-from train.tracking import make_tracker
+from train.precision import autocast, make_grad_scaler, resolve_precision
+from train.tracking import make_tracker, readable_run_name, system_metrics
 
-MAX_CONSECUTIVE_SKIPS = 20
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what Kubernetes and torchrun expect from a terminated process
 
 
-def lr_lambda(config: TrainConfig):
-    """Linear warm-up, then cosine decay to 5% of the peak at max_steps."""
-    warmup, total = config.optim.warmup_steps, config.run.max_steps
+@dataclass
+class Position:
+    """Where the job is: saved in every checkpoint, restored on resume."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed_s: float = 0.0
+    skipped_steps: int = 0
 
-    return factor
+
+def lr_factor(step: int, progress: float, config: TrainConfig) -> float:
+    """Linear warm-up over warmup_steps, then cosine from 1 to min_lr_ratio as progress goes 0 -> 1."""
+    warmup = config.optim.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    floor = config.optim.min_lr_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def kl_weight(step: int, config: TrainConfig) -> float:
+    """beta, ramped linearly from 0 over kl_warmup_steps."""
+    warmup = config.optim.kl_warmup_steps
+    return config.optim.beta * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
 
 def check_data_matches_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> None:
@@ -48,148 +64,274 @@ def check_data_matches_model(config: TrainConfig, image_shape: tuple[int, int, i
             "--model.channels to match the manifest")
 
 
-def train_step(model, optimizer, scheduler, images: torch.Tensor, config: TrainConfig,
-               precision: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step; returns (per-batch [nelbo, recon, kl] sums, grad norm) as tensors, no sync."""
-    x = images.to(device, non_blocking=True).float().div_(255.0)  # uint8 crossed the bus
-    with autocast(precision, device):
-        logits, posterior = model(x)
-    terms = vae_loss(logits, x, posterior)
-    loss = terms.negative_elbo(config.optim.beta).mean()
+class PreemptionFlag:
+    """Set by SIGTERM (Kubernetes preemption, torchrun stopping workers); read once per step.
+
+    A second SIGTERM exits at once, for a process stuck where the flag is never read.
+    """
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.set:
+            raise SystemExit(EXIT_PREEMPTED)
+        self.set = True
+        print("SIGTERM: saving a checkpoint at the end of this step, then exiting", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> PreemptionFlag:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (in-process use): no handler, no preemption
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def update_ema(ema: ConvVAE, model: ConvVAE, step: int, decay: float) -> None:
+    """ema <- d * ema + (1 - d) * model, with d ramped up early so the first weights wash out fast."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        ema_params = [p for p in ema.parameters()]
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - d)
+
+
+def gather_rng_states(generator: torch.Generator, context: DistContext) -> list[torch.Tensor]:
+    """Every rank's noise-generator state, on every rank (a collective: all ranks call it)."""
+    state = generator.get_state()
+    if not context.is_distributed:
+        return [state]
+    states: list = [None] * context.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def train_step(wrapped, optimizer, scaler, x: torch.Tensor, generator: torch.Generator,
+               config: TrainConfig, precision: str, beta: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, unscale and clip (no optimizer step, no host sync).
+
+    Returns ([neg-ELBO, recon, KL] batch sums in fp32, grad norm); the caller checks the norm and steps.
+    """
+    model_config = config.model
+    with autocast(precision, x.device):
+        params, posterior = wrapped(x, generator)
+    terms = vae_loss(params, x, posterior, model_config.likelihood, model_config.gaussian_sigma)
+    loss = training_objective(terms, posterior, beta=beta, free_bits=config.optim.free_bits)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
     clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
     sums = torch.stack([(terms.recon + terms.kl).sum(), terms.recon.sum(), terms.kl.sum()]).detach()
     return sums, grad_norm
 
 
+def first_val_images(val_shards: ShardSet, count: int = 64) -> torch.Tensor:
+    """The first `count` validation images (uint8), for the image grids."""
+    for images, _, mask in iter_eval_batches(val_shards, batch_size=count, rank=0, world_size=1):
+        return images[mask]
+    raise ValueError("the validation split is empty")
+
+
 def run_training(config: TrainConfig, context: DistContext) -> dict:
-    """Train until max_steps or max_time_s; returns a summary dict (printed by every rank)."""
+    """Train until a step, epoch or time limit (or SIGTERM); returns a summary dict (printed by every rank)."""
     torch.manual_seed(config.run.seed)
     precision = resolve_precision(config.run.precision, context.device)
     train_shards = open_split(config.data.shards, "train")
     val_shards = open_split(config.data.shards, "val")
     check_data_matches_model(config, train_shards.manifest.image_shape)
+    num_batches = batches_per_epoch(train_shards.num_samples, config.data.batch_size, context.world_size)
+    step_limits = [config.run.max_steps] if config.run.max_steps else []
+    if config.run.max_epochs:
+        step_limits.append(math.ceil(config.run.max_epochs * num_batches))
+    schedule_steps = min(step_limits) if step_limits else None  # None: the schedule follows the clock
 
     model: ConvVAE = build_model(config.model).to(context.device)
+    ema = copy.deepcopy(model).requires_grad_(False) if config.optim.ema_decay > 0 else None
+    eval_model = ema if ema is not None else model  # evaluation and export use the EMA
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
                                   weight_decay=config.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    scaler = make_grad_scaler(precision, context.device)
+    generator = torch.Generator(device=context.device).manual_seed(config.run.seed * 7919 + 1 + context.rank)
+    position = Position()
     checkpoint_dir = Path(config.run.out_dir) / "checkpoints"
-    step, epoch, run_id = 0, 0, None
+    run_id = None
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from, map_location=context.device)
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state.get("ema") or state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, run_id = state["step"], state["epoch"] + 1, state.get("mlflow_run_id")
+        scaler.load_state_dict(state.get("scaler") or {})
+        saved = state.get("position") or {"step": state["step"], "epoch": state.get("epoch", -1) + 1}
+        position = Position(**saved)
+        rng = state.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"].cpu())
+        if len(rng.get("generators", [])) == context.world_size:  # same world size: exact continuation
+            generator.set_state(rng["generators"][context.rank].cpu())
+        run_id = state.get("mlflow_run_id")
         if context.is_main:
-            print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
+            print(f"resumed from {resume_from} at step {position.step}", file=sys.stderr, flush=True)
 
     wrapped = DistributedDataParallel(model) if context.is_distributed else model
-    tags = {"world_size": str(context.world_size), "backend": context.backend,
-            "precision": precision, "device": str(context.device), "torch": torch.__version__}
-    tracker = make_tracker(config, context.is_main, tags, run_id)
-    num_batches = batches_per_epoch(train_shards.num_samples, config.data.batch_size, context.world_size)
+    if config.run.compile:
+        wrapped = torch.compile(wrapped)
+    tags = {"world_size": str(context.world_size), "backend": context.backend, "precision": precision,
+            "device": str(context.device), "torch": torch.__version__,
+            "likelihood": config.model.likelihood}
+    tracker = make_tracker(config, context.is_main, tags, run_id,
+                           readable_run_name(config, context.world_size, precision))
     loader = make_train_loader(train_shards, batch_size=config.data.batch_size, rank=context.rank,
                                world_size=context.world_size, seed=config.run.seed,
                                num_workers=config.data.num_workers)
-    fixed_batch = next(iter_first(val_shards, config, context))
+    grid_images = first_val_images(val_shards).to(context.device).float().div_(255.0)
 
-    def save(current_step: int, current_epoch: int) -> Path | None:
+    def save() -> Path | None:
+        rng = {"torch": torch.get_rng_state(), "generators": gather_rng_states(generator, context)}
         if not context.is_main:
             return None
-        return save_checkpoint(checkpoint_dir, current_step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": current_epoch,
-            "config": config_to_dict(config), "mlflow_run_id": tracker.run_id,
-            "torch_rng": torch.get_rng_state(),
+        path = save_checkpoint(checkpoint_dir, position.step, {
+            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "position": asdict(position), "epoch": position.epoch, "rng": rng,
+            "world_size": context.world_size, "config": config_to_dict(config),
+            "mlflow_run_id": tracker.run_id,
         }, keep=config.run.keep_checkpoints)
+        if getattr(tracker, "healthy", False):  # so a crash after this loses no logged metric
+            tracker.flush(timeout_s=10.0)
+        return path
 
-    def evaluate_and_log(current_step: int) -> dict[str, float]:
-        metrics = evaluate(model, val_shards, context, batch_size=config.data.batch_size,
-                           precision=precision)
-        tracker.log_metrics(metrics, current_step)
+    def evaluate_and_log(iwae_samples: int) -> dict[str, float]:
+        metrics = evaluate(eval_model, val_shards, context, batch_size=config.data.eval_batch_size,
+                           precision=precision, seed=config.run.seed + 1234, iwae_samples=iwae_samples,
+                           iwae_chunk=config.run.iwae_chunk, binarize_inputs=config.data.dynamic_binarization)
+        tracker.log_metrics(metrics, position.step)
         if context.is_main:
-            x = fixed_batch.to(context.device).float().div_(255.0)
-            samples, pairs = sample_grid_images(model, x, num_samples=64, seed=config.run.seed)
-            tracker.log_image(make_grid(samples, 8), "samples", current_step)
-            tracker.log_image(make_grid(pairs, 8), "reconstructions", current_step)
-            print(f"step {current_step}: val neg-ELBO {metrics['val/neg_elbo']:.2f} nats", file=sys.stderr)
+            samples, pairs = sample_grid_images(eval_model, grid_images, num_samples=64, seed=config.run.seed)
+            tracker.log_image(make_grid(samples, 8), "samples", position.step)
+            tracker.log_image(make_grid(pairs, 8), "reconstructions", position.step)
+            tracker.log_image(make_grid(interpolation_images(eval_model, grid_images), 10),
+                              "interpolations", position.step)
+            shown = {k: round(v, 3) for k, v in metrics.items()}
+            print(f"step {position.step}: {shown}", file=sys.stderr, flush=True)
         return metrics
 
-    started = time.monotonic()
+    def step_limit_reached() -> bool:
+        return (bool(config.run.max_steps) and position.step >= config.run.max_steps) or (
+            bool(config.run.max_epochs)
+            and position.epoch + position.batch_in_epoch / num_batches >= config.run.max_epochs)
+
+    started = time.monotonic() - position.elapsed_s
     window = torch.zeros(3, dtype=torch.float64, device=context.device)
-    window_images, window_start, consecutive_skips, skipped = 0, time.monotonic(), 0, 0
+    window_images, window_start, window_wait, consecutive_skips = 0, time.perf_counter(), 0.0, 0
     val_metrics: dict[str, float] = {}
+    stopped_by = "steps" if step_limit_reached() else ""
     status = "FAILED"
+    rank0_elapsed = position.elapsed_s
+    grad_norm = torch.zeros(())
     try:
-        stop = step >= config.run.max_steps
-        while not stop:
-            loader.dataset.epoch = epoch
-            for images, _ in itertools.islice(loader, num_batches):
-                sums, grad_norm = train_step(wrapped, optimizer, scheduler, images, config,
-                                             precision, context.device)
-                # One host sync per step: grads are all-reduced, so every rank makes the same call.
-                if not torch.isfinite(grad_norm):
-                    skipped += 1
-                    consecutive_skips += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    if consecutive_skips > MAX_CONSECUTIVE_SKIPS:
-                        raise FloatingPointError(
-                            f"non-finite gradients for {consecutive_skips} steps in a row, last at step {step}")
-                    continue
-                consecutive_skips = 0
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                window += sums.double()
-                window_images += images.shape[0]
-                if step % config.run.log_interval_steps == 0 or step == config.run.max_steps:
-                    totals = all_reduce_sum(torch.cat([window, window.new_tensor([window_images])]), context)
-                    elapsed = time.monotonic() - window_start
-                    nelbo, recon, kl = (totals[:3] / totals[3]).tolist()
-                    tracker.log_metrics({"train/neg_elbo": nelbo, "train/recon": recon, "train/kl": kl,
-                                         "train/lr": scheduler.get_last_lr()[0],
-                                         "train/grad_norm": float(grad_norm),
-                                         "train/samples_per_s": totals[3].item() / elapsed,
-                                         "train/skipped_steps": skipped}, step)
-                    window.zero_()
-                    window_images, window_start = 0, time.monotonic()
-                    out_of_time = config.run.max_time_s > 0 and time.monotonic() - started > config.run.max_time_s
-                    # Rank 0's clock decides, so all ranks stop at the same step.
-                    flag = torch.tensor([float(out_of_time and context.is_main)], device=context.device)
-                    if all_reduce_sum(flag, context).item() > 0:
-                        stop = True
-                if step >= config.run.max_steps:
-                    stop = True
-                if step % config.run.eval_interval_steps == 0 and not stop:
-                    val_metrics = evaluate_and_log(step)
-                if step % config.run.checkpoint_interval_steps == 0 and not stop:
-                    save(step, epoch)
-                if stop:
-                    break
-            epoch += 1
-        val_metrics = evaluate_and_log(step)
-        final = save(step, epoch - 1 if epoch else 0)
-        if final is not None:
-            tracker.log_artifacts(final, "checkpoint")
-        status = "FINISHED"
+        with PreemptionFlag() as preempted:
+            while not stopped_by:
+                loader.dataset.epoch = position.epoch
+                batches = itertools.islice(loader, position.batch_in_epoch, num_batches)
+                while not stopped_by:
+                    wait_start = time.perf_counter()
+                    images = next(batches, None)
+                    if images is None:
+                        break
+                    images = images[0]
+                    window_wait += time.perf_counter() - wait_start
+                    position.batch_in_epoch += 1
+                    x = images.to(context.device, non_blocking=True).float().div_(255.0)  # uint8 crossed the bus
+                    if config.data.dynamic_binarization:
+                        x = binarize(x, generator)
+                    progress = (position.step / schedule_steps if schedule_steps
+                                else rank0_elapsed / config.run.max_time_s)
+                    for group in optimizer.param_groups:
+                        group["lr"] = config.optim.lr * lr_factor(position.step, progress, config)
+                    beta = kl_weight(position.step, config)
+                    sums, grad_norm = train_step(wrapped, optimizer, scaler, x, generator, config,
+                                                 precision, beta)
+                    # One host sync per step; gradients are all-reduced, so every rank decides alike.
+                    if torch.isfinite(grad_norm):
+                        scaler.step(optimizer)
+                        scaler.update()
+                        if ema is not None:
+                            update_ema(ema, model, position.step, config.optim.ema_decay)
+                        position.step += 1
+                        consecutive_skips = 0
+                        window += sums.double()
+                        window_images += images.shape[0]
+                    else:
+                        scaler.update()  # fp16: lowers the scale; otherwise a no-op
+                        optimizer.zero_grad(set_to_none=True)
+                        position.skipped_steps += 1
+                        consecutive_skips += 1
+                        if consecutive_skips >= config.run.max_consecutive_skips:
+                            raise FloatingPointError(
+                                f"non-finite loss or gradients for {consecutive_skips} steps in a row, "
+                                f"the last at step {position.step} (epoch {position.epoch}, batch "
+                                f"{position.batch_in_epoch}); lower optim.lr or check the data")
+                    # Stop decisions are shared: SIGTERM on any rank and rank 0's clock, summed.
+                    flags = torch.tensor([float(preempted.set),
+                                          time.monotonic() - started if context.is_main else 0.0])
+                    if context.is_distributed:
+                        flags = all_reduce_sum(flags.to(context.device), context).cpu()
+                    rank0_elapsed = float(flags[1])
+                    position.elapsed_s = rank0_elapsed
+                    if flags[0] > 0:
+                        stopped_by = "sigterm"
+                    elif config.run.max_time_s and rank0_elapsed >= config.run.max_time_s:
+                        stopped_by = "time"
+                    elif step_limit_reached():
+                        stopped_by = "steps"
+                    if position.batch_in_epoch == num_batches:
+                        position.epoch += 1
+                        position.batch_in_epoch = 0
+                    if window_images and (position.step % config.run.log_interval_steps == 0 or stopped_by):
+                        totals = all_reduce_sum(torch.cat([window, window.new_tensor(
+                            [window_images, window_wait])]), context)
+                        elapsed = time.perf_counter() - window_start
+                        nelbo, recon, kl = (totals[:3] / totals[3]).tolist()
+                        metrics = {"train/neg_elbo": nelbo, "train/recon": recon, "train/kl": kl,
+                                   "train/beta": beta, "train/lr": optimizer.param_groups[0]["lr"],
+                                   "train/grad_norm": float(grad_norm),
+                                   "train/samples_per_s": totals[3].item() / elapsed,
+                                   "train/data_wait_share": totals[4].item() / context.world_size / elapsed,
+                                   "train/skipped_steps": position.skipped_steps,
+                                   "train/epoch": position.epoch + position.batch_in_epoch / num_batches}
+                        if config.run.system_metrics and context.is_main:
+                            metrics.update(system_metrics(context.device))
+                        tracker.log_metrics(metrics, position.step)
+                        window.zero_()
+                        window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
+                    if stopped_by:
+                        break
+                    if position.step % config.run.eval_interval_steps == 0 and torch.isfinite(grad_norm):
+                        val_metrics = evaluate_and_log(config.run.iwae_samples)
+                    if position.step % config.run.checkpoint_interval_steps == 0 and torch.isfinite(grad_norm):
+                        save()
+            if stopped_by == "sigterm":
+                save()
+                status = "KILLED"
+            else:
+                val_metrics = evaluate_and_log(config.run.final_iwae_samples)
+                final = save()
+                if final is not None:
+                    tracker.log_artifacts(final, "checkpoint")
+                status = "FINISHED"
     finally:
         tracker.close(status)
-    return {"rank": context.rank, "world_size": context.world_size, "steps": step,
-            "epochs": epoch, "precision": precision, "skipped_steps": skipped,
+    return {"rank": context.rank, "world_size": context.world_size, "steps": position.step,
+            "epochs": round(position.epoch + position.batch_in_epoch / num_batches, 4),
+            "precision": precision, "skipped_steps": position.skipped_steps, "stopped_by": stopped_by,
             "seconds": round(time.monotonic() - started, 2), "mlflow_run_id": tracker.run_id,
             **val_metrics}
-
-
-def iter_first(val_shards, config: TrainConfig, context: DistContext):
-    """The first validation batch on rank 0, for reconstruction grids (64 images at most)."""
-    from pipeline.loader import iter_eval_batches
-
-    for images, _, mask in iter_eval_batches(val_shards, batch_size=min(64, config.data.batch_size),
-                                             rank=0, world_size=1):
-        yield images[mask]
-        return
