@@ -255,14 +255,17 @@ def _fields(sample: dict) -> list[str]:
 def decode_sample(sample: dict, expected_shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
     """A one-image `{png|npy, cls}` sample to (HxWxC uint8 image, label); problems raise ValueError."""
     key = sample.get("__key__", "?")
-    if "png" in sample:
-        image = decode_image(sample["png"], channels=expected_shape[2])
-    elif "npy" in sample:
-        image = decode_npy(sample["npy"])
-        if image.dtype != np.uint8:
-            raise ValueError(f"sample {key}: expected uint8 pixels, got {image.dtype}")
-    else:
+    if "png" not in sample and "npy" not in sample:
         raise ValueError(f"sample {key}: no png or npy member (has {_fields(sample)})")
+    try:
+        if "png" in sample:
+            image = decode_image(sample["png"], channels=expected_shape[2])
+        else:
+            image = decode_npy(sample["npy"])
+    except ValueError as error:
+        raise ValueError(f"sample {key}: {error}") from None
+    if image.dtype != np.uint8:
+        raise ValueError(f"sample {key}: expected uint8 pixels, got {image.dtype}")
     if image.shape != tuple(expected_shape):
         raise ValueError(f"sample {key}: expected image shape {tuple(expected_shape)}, got {image.shape}")
     try:
@@ -279,7 +282,10 @@ def decode_samples(sample: dict, expected_shape: tuple[int, int, int]
         image, label = decode_sample(sample, expected_shape)
         return image[None], np.asarray([label], dtype=np.int64)
     key = sample.get("__key__", "?")
-    images = decode_npy(sample["images.npy"])
+    try:
+        images = decode_npy(sample["images.npy"])
+    except ValueError as error:
+        raise ValueError(f"block {key}: {error}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != tuple(expected_shape):
         raise ValueError(f"block {key}: expected uint8 (n, {', '.join(map(str, expected_shape))}) "
                          f"images, got {images.dtype} {images.shape}")
