@@ -19,11 +19,13 @@ COPY pyproject.toml README.md vae_cli.py ./
 COPY pipeline ./pipeline
 COPY train ./train
 COPY export ./export
-# --no-deps: never let pip swap the base image's CUDA torch for another build; pip check fails
-# the build if a dependency is missing instead.
+# --no-deps: never let pip swap the base image's CUDA torch for another build. Instead the build
+# fails here if anything the stages import is missing (torchvision included).
 RUN pip install --no-deps . \
-    && pip check \
-    && python -c "import torch, torchvision, train, export, pipeline"
+    && python -c "import torch, torchvision, webdataset, mlflow, onnx, onnxscript, onnxruntime, train.trainer, export.onnx_export, pipeline.loader" \
+    && python -m train --help >/dev/null \
+    && python -m export --help >/dev/null \
+    && python -m pipeline --help >/dev/null
 
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin vae
 USER 10001

@@ -163,6 +163,27 @@ def test_commands_run_project_modules_that_exist(path):
                     assert (REPO / name.replace(".", "/")).with_suffix(".py").exists() or (REPO / top).is_dir(), name
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=ROLES)
+def test_build_time_checks_pass_in_the_test_environment(path):
+    """The `python -c ...` and `python -m STAGE --help` checks a build runs, run here (the venv stands
+    in for the image): a renamed module or a broken CLI fails this test before it fails a build."""
+    import shlex
+
+    checks = []
+    for keyword, rest in instructions(path):
+        if keyword == "RUN":
+            for command in re.split(r"\s*&&\s*", rest):
+                words = shlex.split(command.replace(">/dev/null", ""))
+                if words[:2] in (["python", "-c"], ["python", "-m"]) and "pip" not in words[:3]:
+                    checks.append(words)
+    if path.name != "mlflow.Dockerfile":
+        assert checks, f"{path.name} runs no import check at build time"
+    for words in checks:
+        result = subprocess.run([str(VENV_BIN / "python"), *words[1:]], cwd=REPO, env=subprocess_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{' '.join(words)}: {result.stderr[-2000:]}"
+
+
 def pyproject_runtime_dependencies() -> list[str]:
     import tomllib
 
