@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import tarfile
 import warnings
 import zlib
@@ -134,34 +135,45 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.errors = errors or DataErrors()
         self.retry = retry
-        self.epoch = 0
+        # Shared memory, so persistent worker processes see the epoch the trainer sets.
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose shuffle the next `iter()` reads; set it before each epoch."""
+        return int(self._epoch.value)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = int(value)
 
     def _stream_id(self) -> tuple[int, int]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         return self.rank * num_workers + worker_id, self.world_size * num_workers
 
-    def _my_shards(self, pass_number: int) -> list[int]:
+    def _my_shards(self, epoch: int, pass_number: int) -> list[int]:
         """Shard indices this (rank, worker) stream reads in one pass of this epoch."""
         stream, num_streams = self._stream_id()
         # Same permutation on every rank and worker (it depends on seed, epoch and pass only).
-        order = np.random.default_rng([self.seed, self.epoch, pass_number]).permutation(len(self.shards.urls))
+        order = np.random.default_rng([self.seed, epoch, pass_number]).permutation(len(self.shards.urls))
         if len(order) >= num_streams:
             return [int(i) for i in order[stream::num_streams]]
         # Fewer shards than streams: resample one shard at random rather than starve a stream.
-        rng = np.random.default_rng([self.seed, self.epoch, pass_number, stream, 1])
+        rng = np.random.default_rng([self.seed, epoch, pass_number, stream, 1])
         return [int(rng.integers(len(order)))]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shape = self.shards.manifest.image_shape
         batch = self.batch_size
         stream, _ = self._stream_id()
+        epoch = self.epoch
         pool = _Pool()
         for pass_number in itertools.count():
-            rng = np.random.default_rng([self.seed, self.epoch, pass_number, stream, 2])
+            rng = np.random.default_rng([self.seed, epoch, pass_number, stream, 2])
             num_before = pool.size
             num_added = 0
-            for index in self._my_shards(pass_number):
+            for index in self._my_shards(epoch, pass_number):
                 url, expected = self.shards.urls[index], self.shards.counts[index]
                 for images, labels in read_shard(url, shape, expected, self.errors, self.retry):
                     pool.add(images, labels)
@@ -175,7 +187,7 @@ class TrainStream(IterableDataset):
                             yield _to_batch(x[start : start + batch], y[start : start + batch])
                         pool.add(x[emit:], y[emit:])
             if num_added == 0 and num_before == pool.size:
-                raise DataError(f"a whole pass over {self._my_shards(pass_number)} of "
+                raise DataError(f"a whole pass over shards {self._my_shards(epoch, pass_number)} of "
                                 f"{len(self.shards.urls)} shards gave no samples "
                                 f"(first shard {self.shards.urls[0]})")
             # End of the pass: every full batch out; fewer than one batch carries to the next pass.
@@ -201,10 +213,12 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int
 def make_train_loader(shards: ShardSet, *, batch_size: int, rank: int, world_size: int,
                       seed: int, num_workers: int = 1, epoch: int = 0,
                       error_budget: ErrorBudget | None = None, retry: RetryPolicy = DEFAULT_RETRY,
-                      shuffle_buffer: int = 1000) -> DataLoader:
+                      shuffle_buffer: int = 1000, persistent_workers: bool = True) -> DataLoader:
     """DataLoader over one rank's endless stream; set `.dataset.epoch` to reshuffle.
 
     Bad-data counts for metrics: `loader.dataset.errors.metrics()` (skipped samples, bad shards).
+    Workers persist across epochs by default (a small epoch costs less than starting them again);
+    they read the epoch from shared memory when the next epoch's iterator starts.
     """
     num_streams = world_size * max(num_workers, 1)
     if len(shards.urls) < num_streams and rank == 0:
@@ -218,7 +232,8 @@ def make_train_loader(shards: ShardSet, *, batch_size: int, rank: int, world_siz
                           shuffle_buffer=shuffle_buffer, errors=DataErrors(error_budget), retry=retry)
     dataset.epoch = epoch
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=persistent_workers and num_workers > 0,
+                      prefetch_factor=4 if num_workers else None)
 
 
 def iter_eval_batches(shards: ShardSet, *, batch_size: int, rank: int, world_size: int,
