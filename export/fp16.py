@@ -126,8 +126,57 @@ def convert_to_fp16(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     converted = convert_float_to_float16(
         source, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
         node_block_list=[b.node for b in blocked])
+    bypass_round_trips(converted.graph)
     topological_sort(converted.graph)
     return converted, blocked
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    if node.op_type != "Cast":
+        return None
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def bypass_round_trips(graph: onnx.GraphProto) -> None:
+    """Remove fp32 -> fp16 -> fp32 round trips between nodes kept in fp32 (in place).
+
+    The converter casts every blocked node's output to fp16 and back to fp32 before the next
+    blocked node: a value out of fp16's range becomes Inf on the way, which is the overflow the
+    block list was meant to avoid. It also emits one identical Cast per consumer under one name.
+    Each Cast-to-fp32 whose input comes from a Cast-to-fp16 here reads the original fp32 tensor.
+    """
+    nodes, seen = [], set()
+    for node in graph.node:
+        key = node.SerializeToString()
+        if key not in seen:
+            seen.add(key)
+            nodes.append(node)
+    producer = {name: node for node in nodes for name in node.output}
+    outputs = {o.name for o in graph.output}
+    rename = {}
+    for node in nodes:
+        source = producer.get(node.input[0]) if node.input else None
+        if _cast_to(node) == onnx.TensorProto.FLOAT and source is not None \
+                and _cast_to(source) == onnx.TensorProto.FLOAT16 and node.output[0] not in outputs:
+            rename[node.output[0]] = source.input[0]
+    for node in nodes:
+        for index, name in enumerate(node.input):
+            if name in rename:
+                node.input[index] = rename[name]
+    while True:  # drop nodes nobody reads any more
+        used = {name for node in nodes for name in node.input} | outputs
+        kept = [node for node in nodes if any(name in used for name in node.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    copies = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copies.append(copy)
+    del graph.node[:]
+    graph.node.extend(copies)
+    del graph.value_info[:]  # the converter's types no longer fit the rewired tensors; inference redoes them
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
