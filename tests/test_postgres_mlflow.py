@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,8 @@ from tests.test_k8s import container_env, expand_k8s_vars, find, pod_spec, split
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
 HAVE_POSTGRES = bool(PG_BIN_DIRS and (PG_BIN_DIRS[-1] / "initdb").exists()) or shutil.which("initdb") is not None
 PASSWORD = "vae-test-pw"
-MAX_STEPS = 40
+MAX_STEPS = 60
+CRASH_AFTER_STEP = 20  # a worker on the second node is killed once this checkpoint exists
 
 
 def _skip_reason() -> str | None:
@@ -166,9 +168,13 @@ def cluster_run(mlflow_server, small_shards, tmp_path_factory):
     nodes = [subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     peak = rss_mib(mlflow_server["process"])
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
+    checkpoint = Path(replace["--run.out_dir"]) / "checkpoints" / f"step-{CRASH_AFTER_STEP:08d}"
+    crashed = None
     while any(node.poll() is None for node in nodes) and time.monotonic() < deadline:
         peak = max(peak, rss_mib(mlflow_server["process"]))
+        if crashed is None and checkpoint.is_dir():
+            crashed = kill_worker(nodes, rank=1)
         time.sleep(0.5)
     outputs = []
     for node in nodes:
@@ -179,6 +185,7 @@ def cluster_run(mlflow_server, small_shards, tmp_path_factory):
     for code, out, err in outputs:
         assert code == 0, err[-4000:]
     summaries = [json.loads(line) for _, out, _ in outputs for line in out.splitlines() if line.startswith("{")]
+    assert crashed is not None, "training ended before the worker could be killed"
 
     trained_s = time.monotonic() - started
     export = find("Job", "vae-export")
@@ -191,8 +198,23 @@ def cluster_run(mlflow_server, small_shards, tmp_path_factory):
                                                                       {"MLFLOW_TRACKING_URI": mlflow_server["url"]})})
     assert exported.returncode == 0, exported.stderr[-4000:]
     seconds = {"train": round(trained_s, 1), "export": round(time.monotonic() - started - trained_s, 1)}
-    return {"seconds": seconds, "summaries": summaries, "work": work, "model": work / "model", "export": exported,
+    return {"seconds": seconds, "crashed": crashed, "stderr": [err for _, _, err in outputs], "summaries": summaries, "work": work, "model": work / "model", "export": exported,
             "peak_rss_mib": peak, "trainer_args": trainer}
+
+
+def kill_worker(agents: list[subprocess.Popen], rank: int) -> int:
+    """SIGKILL the training process of one global rank (a crash, as when a node's process dies)."""
+    import psutil
+
+    for agent in agents:
+        for child in psutil.Process(agent.pid).children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank) and child.environ().get("LOCAL_RANK") == "0":
+                    child.kill()
+                    return child.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+    raise AssertionError(f"no worker process with RANK={rank}")
 
 
 def client(mlflow_server):
@@ -246,7 +268,7 @@ def test_two_node_training_logs_one_run_to_the_server(cluster_run, mlflow_server
     assert run.info.run_id == summaries[0]["mlflow_run_id"]
     assert run.data.params["data.batch_size"] == "32" and run.data.tags["world_size"] == "2"
     history = mlflow.get_metric_history(run.info.run_id, "train/neg_elbo")
-    assert [m.step for m in history] == [10, 20, 30, 40]
+    assert sorted({m.step for m in history}) == list(range(10, MAX_STEPS + 1, 10))
     assert history[-1].value < history[0].value
     assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "val/neg_elbo")][-1] == MAX_STEPS
 
@@ -262,10 +284,15 @@ def test_artifacts_went_through_the_server_to_the_artifact_store(cluster_run, ml
     assert not list(cluster_run["work"].rglob("mlartifacts"))
 
 
-def test_checkpoints_on_the_shared_volume_resume_a_restarted_job(cluster_run):
+def test_a_killed_worker_restarts_the_group_which_resumes_from_the_checkpoint(cluster_run):
+    """torchrun's --max_restarts with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 from the manifest: the
+    group restarts on both nodes and the new processes resume from the newest checkpoint."""
+    stderr = "\n".join(cluster_run["stderr"])
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", stderr)
+    assert resumed and all(int(step) >= CRASH_AFTER_STEP for step in resumed), stderr[-3000:]
     checkpoints = sorted(p.name for p in (cluster_run["work"] / "checkpoints" / "vae-train" / "checkpoints").iterdir()
                          if p.name.startswith("step-"))
-    assert checkpoints == ["step-00000020", "step-00000040"]
+    assert checkpoints[-1] == f"step-{MAX_STEPS:08d}"
 
 
 def test_export_job_command_exports_and_registers_against_the_server(cluster_run, mlflow_server):
