@@ -138,3 +138,30 @@ def test_verify_cli_exit_codes(digit_slice, tmp_path, capsys):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert main(["verify", str(tmp_path)]) == 1
     assert "train-000000.tar: 600 samples, manifest says 601" in capsys.readouterr().err
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """MNIST's idx format (uint8): magic 0x0000080N, big-endian dims, then the bytes."""
+    header = np.asarray([0x800 + array.ndim, *array.shape], dtype=">i4").tobytes()
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def test_torchvision_source_reads_a_local_copy(mnist5k, tmp_path, capsys):
+    """torchvision:MNIST through torchvision's own reader, from files already on disk (no download)."""
+    raw = tmp_path / "root" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    picks = np.concatenate([np.flatnonzero(mnist5k.labels == c)[:30] for c in range(10)])
+    for prefix, index in (("train", picks), ("t10k", picks[:20])):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", mnist5k.images[index, :, :, 0])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", mnist5k.labels[index])
+    out = tmp_path / "shards"
+    assert main(["shards", "--source", "torchvision:MNIST", "--data-root", str(tmp_path / "root"),
+                 "--out", str(out), "--quiet"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.source == "MNIST" and manifest.image_shape == (28, 28, 1)
+    assert manifest.num_samples("train") + manifest.num_samples("val") == 300
+    assert manifest.class_names[0].startswith("0")
+    # not on disk and no --download: a clear error, no network
+    assert main(["shards", "--source", "torchvision:FashionMNIST", "--data-root", str(tmp_path / "root"),
+                 "--out", str(tmp_path / "f")]) == 2
+    assert "--download" in capsys.readouterr().err
