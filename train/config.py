@@ -23,8 +23,9 @@ class DataConfig:
     """Images per batch on each rank (global batch = batch_size x world size)."""
     num_workers: int = 1
     """Loader worker processes per rank (0 reads in the training process)."""
-    dynamic_binarization: bool = False
-    """Bernoulli only: train on x ~ Bernoulli(pixel) drawn afresh each batch (val binarised once, fixed seed)."""
+    dynamic_binarization: str = "auto"
+    """Train on x ~ Bernoulli(pixel) drawn afresh each batch, val binarised once with a fixed seed:
+    'on', 'off', or 'auto' (on for a 1-channel bernoulli model)."""
     eval_batch_size: int = 256
     """Images per evaluation batch on each rank."""
 
@@ -151,6 +152,17 @@ def _coerce(value, annotation, where: str, problems: list[str]):
         return None
 
 
+BINARIZATION_CHOICES = ("auto", "on", "off", "true", "false", "1", "0")
+
+
+def binarizes(config: TrainConfig) -> bool:
+    """Whether training binarises inputs dynamically (and evaluation binarises once, seeded)."""
+    choice = str(config.data.dynamic_binarization).lower()
+    if choice == "auto":
+        return config.model.likelihood == "bernoulli" and config.model.channels == 1
+    return choice in ("on", "true", "1")
+
+
 def _validate(config: TrainConfig) -> list[str]:
     problems = []
     model, data, run, optim = config.model, config.data, config.run, config.optim
@@ -164,7 +176,9 @@ def _validate(config: TrainConfig) -> list[str]:
         problems.append(f"model.widths: expected two positive widths, got {model.widths}")
     if model.gaussian_sigma <= 0:
         problems.append(f"model.gaussian_sigma: must be > 0, got {model.gaussian_sigma}")
-    if data.dynamic_binarization and model.likelihood != "bernoulli":
+    if str(data.dynamic_binarization).lower() not in BINARIZATION_CHOICES:
+        problems.append(f"data.dynamic_binarization: expected auto, on or off, got {data.dynamic_binarization!r}")
+    elif binarizes(config) and model.likelihood != "bernoulli":
         problems.append(f"data.dynamic_binarization: needs model.likelihood=bernoulli, got {model.likelihood!r}")
     for name, value in (("model.latent_dim", model.latent_dim), ("model.hidden_dim", model.hidden_dim),
                         ("data.batch_size", data.batch_size), ("data.eval_batch_size", data.eval_batch_size),

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.images import make_grid
 from pipeline.loader import ShardSet, batches_per_epoch, iter_eval_batches, make_train_loader, open_split
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from train.config import TrainConfig, config_to_dict
+from train.config import TrainConfig, binarizes, config_to_dict
 from train.distributed import DistContext, all_reduce_sum
 from train.evaluate import binarize, evaluate, interpolation_images, sample_grid_images
 from train.loss import training_objective, vae_loss
@@ -192,6 +192,7 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
     loader = make_train_loader(train_shards, batch_size=config.data.batch_size, rank=context.rank,
                                world_size=context.world_size, seed=config.run.seed,
                                num_workers=config.data.num_workers)
+    binarize_inputs = binarizes(config)
     grid_images = first_val_images(val_shards).to(context.device).float().div_(255.0)
 
     def save() -> Path | None:
@@ -212,7 +213,7 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
     def evaluate_and_log(iwae_samples: int) -> dict[str, float]:
         metrics = evaluate(eval_model, val_shards, context, batch_size=config.data.eval_batch_size,
                            precision=precision, seed=config.run.seed + 1234, iwae_samples=iwae_samples,
-                           iwae_chunk=config.run.iwae_chunk, binarize_inputs=config.data.dynamic_binarization)
+                           iwae_chunk=config.run.iwae_chunk, binarize_inputs=binarizes(config))
         tracker.log_metrics(metrics, position.step)
         if context.is_main:
             samples, pairs = sample_grid_images(eval_model, grid_images, num_samples=64, seed=config.run.seed)
@@ -251,7 +252,7 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                     window_wait += time.perf_counter() - wait_start
                     position.batch_in_epoch += 1
                     x = images.to(context.device, non_blocking=True).float().div_(255.0)  # uint8 crossed the bus
-                    if config.data.dynamic_binarization:
+                    if binarize_inputs:
                         x = binarize(x, generator)
                     progress = (position.step / schedule_steps if schedule_steps
                                 else rank0_elapsed / config.run.max_time_s)
@@ -315,10 +316,12 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                         window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
                     if stopped_by:
                         break
+                    pause_start = time.perf_counter()
                     if position.step % config.run.eval_interval_steps == 0 and torch.isfinite(grad_norm):
                         val_metrics = evaluate_and_log(config.run.iwae_samples)
                     if position.step % config.run.checkpoint_interval_steps == 0 and torch.isfinite(grad_norm):
                         save()
+                    window_start += time.perf_counter() - pause_start  # samples/s counts training only
             if stopped_by == "sigterm":
                 save()
                 status = "KILLED"
