@@ -145,6 +145,7 @@ def generate(runtime: VAERuntime, num: int, out: str | Path, *, fmt: str = "npy"
     in_flight: deque[Future] = deque()
     buffered: list[np.ndarray] = []
     buffered_start = 0
+    grid_images: list[np.ndarray] = []
     decode_seconds = 0.0
     started = time.perf_counter()
     with ThreadPoolExecutor(workers, thread_name_prefix="writer") as pool, \
@@ -155,8 +156,11 @@ def generate(runtime: VAERuntime, num: int, out: str | Path, *, fmt: str = "npy"
             z = rng.standard_normal((rows, runtime.latent_dim), dtype=np.float32) * np.float32(temperature)
             images = to_uint8(nchw_to_nhwc(runtime.decode(z)))
             decode_seconds += time.perf_counter() - decode_started
-            if start == 0 and grid is not None:
-                save_grid(images[:64], grid, num_cols=8)
+            if grid is not None:  # the contact sheet holds the first 64 samples, whatever the batch size
+                grid_images.append(images[:64 - sum(map(len, grid_images))])
+                if sum(map(len, grid_images)) >= min(64, num):
+                    save_grid(np.concatenate(grid_images), grid, num_cols=8)
+                    grid = None
             buffered.append(images)
             done = start + rows
             while sum(len(b) for b in buffered) >= unit or (done == num and buffered):

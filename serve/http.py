@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -35,6 +35,7 @@ from serve.runtime import (LOGVAR_MAX, LOGVAR_MIN, VAERuntime, interpolate_laten
 
 TOKEN_ENV = "VAE_SERVE_TOKEN"
 Output = Literal["json", "png"]
+MAX_ABS_LATENT = 1e4
 log = logging.getLogger("serve.http")
 
 
@@ -177,6 +178,39 @@ class Service:
         return params, image
 
 
+class BodyLimit:
+    """Refuse bodies over `max_body_bytes`: by Content-Length at once, or while a chunked body streams in.
+
+    A streamed excess raises BadInput(413) from `receive`, inside the route, where the BadInput handler
+    turns it into a JSON 413 before any response has started.
+    """
+
+    def __init__(self, app, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            response = JSONResponse({"detail": f"request body of {length.decode(errors='replace')} bytes exceeds "
+                                               f"the limit of {self.max_body_bytes} bytes"}, status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BadInput(f"request body exceeds the limit of {self.max_body_bytes} bytes", 413)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def _array_from_json(value, name: str) -> np.ndarray:
     """Nested JSON lists to a float array; the error names what is wrong with them."""
     try:
@@ -212,10 +246,6 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
     channels, height, width = runtime.image_shape
     max_items = options.max_items
 
-    # FastAPI >= 0.16x also caps bodies sent without Content-Length (chunked) on every route
-    body_limit = ({"max_body_size": options.max_body_bytes}
-                  if "max_body_size" in inspect.signature(FastAPI).parameters else {})
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()
@@ -230,7 +260,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
     app = FastAPI(title="vae-pipeline serve", version="1",
                   description=f"Exported VAE ({runtime.metadata.get('likelihood')} likelihood, latent "
                               f"{runtime.latent_dim}, images {channels}x{height}x{width}) with dynamic batching.",
-                  lifespan=lifespan, **body_limit)
+                  lifespan=lifespan)
     app.state.service = service
     bearer = HTTPBearer(auto_error=False)
 
@@ -243,15 +273,12 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
 
     # -------------------------------------------------------- middleware: body limit, metrics, errors
 
+    app.add_middleware(BodyLimit, max_body_bytes=options.max_body_bytes)  # inside `observe`: 413s are counted
+
     @app.middleware("http")
     async def observe(request: Request, call_next):
         started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > options.max_body_bytes):
-            response = JSONResponse({"detail": f"request body of {length} bytes exceeds the limit of "
-                                               f"{options.max_body_bytes} bytes"}, status_code=413)
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "unmatched")
         service.requests.labels(endpoint, str(response.status_code)).inc()
@@ -261,6 +288,13 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, error: BadInput):
         return JSONResponse({"detail": str(error)}, status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        # FastAPI's default echoes each bad input back: an Inf there cannot be written as JSON (a 500),
+        # and echoing a large body is wasteful. Location, message and type name the problem.
+        return JSONResponse({"detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                                        for e in error.errors()]}, status_code=422)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, error: QueueFull):
@@ -378,6 +412,8 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         z = check(runtime.check_latents, _array_from_json(body.z, "z"))
         if len(z) == 0:
             raise BadInput("z: empty batch")
+        if np.abs(z).max() > MAX_ABS_LATENT:  # the prior is N(0, I); such values only overflow the decoder
+            raise BadInput(f"z: values must lie within +-{MAX_ABS_LATENT:g}, got {np.abs(z).max():.4g}")
         _, images = await service.decode(z)
         return _format_response(images, format, {})
 

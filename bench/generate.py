@@ -1,0 +1,87 @@
+"""`serve generate` samples/s against the decoder's raw onnxruntime throughput, in the same run.
+
+    flock /tmp/vae-bench.lock .venv/bin/python bench/generate.py --model out/model [-n 20000] [--batch 512]
+
+Raw: `session.run` on pre-drawn latents, batch after batch, nothing converted or written. Generate:
+the full `serve.generate.generate` (noise, decode, uint8, writer threads, files on disk). The two
+are interleaved `--repeats` times and the median of each is kept; overhead = 1 - generate / raw.
+Prints a table and writes bench/results/generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from serve.generate import generate
+from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
+
+
+def raw_decoder_rate(runtime: VAERuntime, num: int, batch: int) -> float:
+    z = np.random.default_rng(0).standard_normal((num, runtime.latent_dim), dtype=np.float32)
+    session, name = runtime.decoder.session, runtime.decoder.input.name
+    started = time.perf_counter()
+    for start in range(0, num, batch):
+        session.run(["image"], {name: z[start:start + batch]})
+    return num / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="exported model directory")
+    parser.add_argument("-n", "--num", type=int, default=20_000, help="samples per measurement")
+    parser.add_argument("--batch", type=int, default=512, help="decoder batch size (both sides)")
+    parser.add_argument("--workers", type=int, default=2, help="writer threads for generate")
+    parser.add_argument("--formats", default="npy,wds,png", help="output formats to measure")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is kept")
+    parser.add_argument("--providers", default="tensorrt,cuda,cpu", help="execution providers")
+    parser.add_argument("--out", default="bench/results/generate.json", help="JSON results")
+    args = parser.parse_args()
+
+    runtime = VAERuntime(args.model, options=RuntimeOptions(providers=parse_providers(args.providers),
+                                                            batch_size=args.batch))
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    raw_decoder_rate(runtime, min(args.num, 4 * args.batch), args.batch)  # warm-up
+    rates: dict[str, list[float]] = {"raw": [], **{f: [] for f in formats}}
+    scratch = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    try:
+        for _ in range(args.repeats):
+            rates["raw"].append(raw_decoder_rate(runtime, args.num, args.batch))
+            for fmt in formats:
+                out = scratch / fmt
+                report = generate(runtime, args.num, out, fmt=fmt, batch_size=args.batch, workers=args.workers,
+                                  progress=False)
+                rates[fmt].append(report.samples_per_s)
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    raw = statistics.median(rates["raw"])
+    rows = [{"what": "raw decoder (session.run)", "samples_per_s": raw, "overhead": 0.0}]
+    rows += [{"what": f"generate --format {fmt}", "samples_per_s": statistics.median(rates[fmt]),
+              "overhead": 1.0 - statistics.median(rates[fmt]) / raw} for fmt in formats]
+    print(f"provider {runtime.provider}, {args.num} samples, batch {args.batch}, {args.workers} writer threads, "
+          f"median of {args.repeats}, load {os.getloadavg()[0]:.2f}")
+    print(f"{'what':<28}{'samples/s':>12}{'overhead':>10}")
+    for row in rows:
+        print(f"{row['what']:<28}{row['samples_per_s']:>12,.0f}{row['overhead']:>10.1%}")
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "load_1min": os.getloadavg()[0], "provider": runtime.provider,
+              "num_samples": args.num, "batch": args.batch, "workers": args.workers, "repeats": args.repeats,
+              "rows": rows, "all_rates": rates}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

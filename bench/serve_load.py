@@ -1,0 +1,136 @@
+"""Load on the HTTP service from 32 and 128 concurrent clients: dynamic batching vs batch size 1.
+
+    flock /tmp/vae-bench.lock .venv/bin/python bench/serve_load.py --model out/model [--seconds 10]
+
+For each mode the script starts `python -m serve http` on 127.0.0.1 (a free port), warms it up,
+then runs C client coroutines that each send `POST /v1/sample {"n": 1}` back to back for a fixed
+time (bounded: --seconds, and at most --max-requests per client). Reports samples/s and client-side
+p50/p99 latency, prints a table and writes bench/results/serve_load.json. Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = {
+    "dynamic": ["--max-batch-size", "64", "--max-queue-delay-ms", "2"],
+    "batch1": ["--max-batch-size", "1", "--max-queue-delay-ms", "0"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model: str, extra: list[str], providers: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("VAE_SERVE_TOKEN", None)
+    process = subprocess.Popen([sys.executable, "-m", "serve", "http", "--model", model, "--host", "127.0.0.1",
+                                "--port", str(port), "--log-level", "warning", "--max-queue", "1024",
+                                "--providers", providers, *extra], cwd=REPO, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server not ready in 120 s")
+
+
+async def run_clients(url: str, clients: int, seconds: float, max_requests: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        # warm-up: every connection opened once
+        await asyncio.gather(*(client.post("/v1/sample", json={"n": 1, "seed": i}) for i in range(clients)))
+        stop_at = time.perf_counter() + seconds
+
+        async def one_client(index: int) -> None:
+            nonlocal errors
+            for request in range(max_requests):
+                if time.perf_counter() >= stop_at:
+                    return
+                started = time.perf_counter()
+                response = await client.post("/v1/sample", json={"n": 1, "seed": index * max_requests + request})
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000.0
+    return {"clients": clients, "requests": len(latencies), "errors": errors, "seconds": elapsed,
+            "samples_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="exported model directory")
+    parser.add_argument("--clients", default="32,128", help="concurrency levels")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per (mode, clients)")
+    parser.add_argument("--max-requests", type=int, default=2000, help="cap on requests per client")
+    parser.add_argument("--providers", default="tensorrt,cuda,cpu", help="execution providers for the server")
+    parser.add_argument("--out", default="bench/results/serve_load.json", help="JSON results")
+    args = parser.parse_args()
+
+    rows = []
+    for mode, extra in MODES.items():
+        process, url = start_server(args.model, extra, args.providers)
+        try:
+            provider = httpx.get(f"{url}/readyz").json()["provider"]
+            for clients in (int(c) for c in args.clients.split(",")):
+                row = asyncio.run(run_clients(url, clients, args.seconds, args.max_requests))
+                rows.append({"mode": mode, "provider": provider, **row})
+                print(f"{mode:<8} {clients:>4} clients: {row['samples_per_s']:8,.0f} samples/s  "
+                      f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}", flush=True)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+    print(f"\nload {os.getloadavg()[0]:.2f}; {args.seconds:.0f} s per cell; POST /v1/sample n=1")
+    print(f"{'clients':>8}{'dynamic/s':>12}{'batch1/s':>11}{'ratio':>7}{'p99 dyn':>10}{'p99 b1':>9}")
+    by = {(r["mode"], r["clients"]): r for r in rows}
+    ratios = {}
+    for clients in sorted({r["clients"] for r in rows}):
+        dynamic, single = by[("dynamic", clients)], by[("batch1", clients)]
+        ratios[clients] = dynamic["samples_per_s"] / single["samples_per_s"]
+        print(f"{clients:>8}{dynamic['samples_per_s']:>12,.0f}{single['samples_per_s']:>11,.0f}{ratios[clients]:>7.2f}"
+              f"{dynamic['p99_ms']:>10.1f}{single['p99_ms']:>9.1f}")
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "load_1min": os.getloadavg()[0], "seconds": args.seconds, "modes": MODES, "rows": rows,
+              "throughput_ratio": ratios}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
