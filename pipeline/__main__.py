@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: keep array sizes, folders use the first image's shorter side")
     shards.add_argument("--channels", type=int, choices=(1, 3), default=None,
                         help="1 (grey) or 3 (RGB); default: the source's")
-    shards.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
-                        help="block: N images per tar member (fast to read); png/npy: one image "
-                             "per sample, {__key__, png|npy, cls}")
+    shards.add_argument("--layout", choices=("auto",) + LAYOUTS, default=DEFAULT_LAYOUT,
+                        help="block: --samples-per-block raw images per tar member (fast to read); "
+                             "png/npy: one image per sample, {__key__, png|npy, cls}; auto: block "
+                             "up to 16 KiB of pixels per image (64x64 RGB), png above")
     shards.add_argument("--samples-per-block", type=int, default=DEFAULT_SAMPLES_PER_BLOCK,
                         help="images per member with --layout block")
     shards.add_argument("--val-fraction", type=float, default=0.1, help="share of every class held out")

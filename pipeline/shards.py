@@ -30,8 +30,19 @@ from pipeline.images import decode_image, decode_npy, encode_npy, encode_png, fi
 from pipeline.manifest import LAYOUTS, Manifest, ShardInfo, sha256_of, write_manifest
 from pipeline.sources import ImageSet, Source, stratified_split
 
-DEFAULT_LAYOUT = "block"
+DEFAULT_LAYOUT = "auto"
 DEFAULT_SAMPLES_PER_BLOCK = 64
+# "auto" picks "block" up to this many bytes of pixels per image (64x64 RGB is 12 KiB): there the
+# per-member cost dominates reading. Larger images are PNG: decoding dominates, and raw pixels
+# would multiply the bytes on disk and on the network.
+AUTO_BLOCK_MAX_IMAGE_BYTES = 16 * 1024
+
+
+def resolve_layout(layout: str, image_shape: tuple[int, int, int]) -> str:
+    """"auto" -> "block" for small images, "png" for large ones; other layouts unchanged."""
+    if layout != "auto":
+        return layout
+    return "block" if int(np.prod(image_shape)) <= AUTO_BLOCK_MAX_IMAGE_BYTES else "png"
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -148,8 +159,8 @@ def write_shards(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir} is not empty; pass --force to overwrite it")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout not in LAYOUTS + ("auto",):
+        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
     if shard_size_mb is not None and shard_size_mb <= 0:
         raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
     if shard_size_mb is None and (samples_per_shard is None or samples_per_shard < 1):
@@ -163,6 +174,7 @@ def write_shards(
 
     train_index, val_index = stratified_split(image_set.labels, val_fraction, seed)
     image_shape, image_size, channels = _probe_shape(image_set, int(train_index[0]), image_size, channels)
+    layout = resolve_layout(layout, image_shape)
     if shard_size_mb is not None:
         samples_per_shard = _samples_per_shard_for(
             image_set, train_index, shard_size_mb, image_size=image_size, channels=channels,

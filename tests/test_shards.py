@@ -135,3 +135,10 @@ def test_reader_refuses_a_tar_cut_between_members(tmp_path):
     damaged[1024 + 10] ^= 0x01  # the second member's name
     with pytest.raises(TarFormatError, match="bad header checksum at byte 1024"):
         list(iter_tar_samples(io.BytesIO(bytes(damaged)), "damaged.tar"))
+
+
+def test_auto_layout_is_block_for_small_images_png_for_large():
+    from pipeline.shards import resolve_layout
+
+    assert resolve_layout("auto", (28, 28, 1)) == "block" and resolve_layout("auto", (64, 64, 3)) == "block"
+    assert resolve_layout("auto", (128, 128, 3)) == "png" and resolve_layout("npy", (128, 128, 3)) == "npy"
