@@ -25,6 +25,13 @@ def _precisions(text: str) -> tuple[str, ...]:
     return values
 
 
+def _providers(text: str) -> tuple[str, ...]:
+    values = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not values or any(p not in ("cpu", "cuda") for p in values):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of cpu,cuda, got {text!r}")
+    return values
+
+
 def _batches(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -59,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp32: max absolute difference allowed between onnxruntime and PyTorch")
     parser.add_argument("--tolerance-fp16", type=float, default=1e-2,
                         help="fp16: max absolute difference allowed on the image mean")
+    parser.add_argument("--optimize", type=_providers, default=(),
+                        help="also write onnxruntime-optimised fp32 copies for these providers (cpu, cuda); "
+                             "see BENCHMARKS.md for when it helps")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI for --run and --register (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--register", metavar="NAME", default=None,
@@ -112,10 +122,10 @@ def export_main(args: argparse.Namespace) -> int:
             weights = "raw"
         images = _validation_images(args.shards or config.data.shards)
         result = export_verified(model, config, state, args.out, images, precisions=args.precision,
-                                 opset=args.opset, weights=weights,
+                                 opset=args.opset, weights=weights, optimize_for=args.optimize,
                                  tolerances={"fp32": args.tolerance, "fp16": args.tolerance_fp16})
     for precision, report in result.reports.items():
-        kept = result.fp32_layers[precision]
+        kept = result.fp32_layers.get(precision, [])
         note = f"; kept in fp32: {', '.join(b.describe() for b in kept)}" if kept else ""
         print(f"{precision}: max difference vs PyTorch {report.worst:.2e} at batch sizes "
               f"{list(report.batch_sizes)}{note}")

@@ -99,7 +99,8 @@ def metadata_for(config: TrainConfig, state: dict, opset: int, weights: str = "e
         "weights": weights,
         "mlflow_run_id": state.get("mlflow_run_id") or "",
         "training_step": int(state.get("step", 0)),
-        "config_sha256": meta.config_sha256(config_dict),
+        # the config as the checkpoint stored it: re-resolving it would fold in defaults added later
+        "config_sha256": meta.config_sha256(state.get("config") or config_dict),
         "tool_version": meta.tool_version(),
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__},
         "encoder": {"file": "encoder.onnx", **meta.ENCODER_IO},
@@ -231,18 +232,57 @@ def _raise_parity(report: ParityReport, tolerance: float, out_dir: Path, blocked
         f"nothing written to {out_dir}")
 
 
+def _optimized_variant(model, staging: Path, provider: str, images: np.ndarray,
+                       batch_sizes: tuple[int, ...]) -> tuple[ParityReport, dict]:
+    """onnxruntime-optimised copies of the fp32 graphs for `provider`, verified against PyTorch."""
+    import onnxruntime as ort
+
+    from export.optimize import optimized_copy
+
+    files = tuple(f"{part}.fp32-{provider}-opt.onnx" for part in ("encoder", "decoder"))
+    for source, target in zip(_variant_files("fp32"), files):
+        optimized_copy(staging / source, staging / target, provider=provider, level="all")
+    report = verify_parity(model, staging / files[0], staging / files[1], images, batch_sizes,
+                           precision=f"fp32-{provider}-optimized")
+    variant = {"precision": "fp32", "io_dtype": "float32", "provider": provider,
+               "graph_optimization": "all (onnxruntime " + ort.__version__ + ")",
+               "open_with": "graph_optimization_level=ORT_DISABLE_ALL (already optimised)",
+               "note": "specific to the onnxruntime version and CPU type that made it",
+               "made_on": _cpu_name(), "encoder": {"file": files[0], **meta.ENCODER_IO},
+               "decoder": {"file": files[1], **meta.DECODER_IO}}
+    return report, variant
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def export_verified(model, config: TrainConfig, state: dict, out_dir: str | Path,
                     validation_images: np.ndarray, *, precisions: tuple[str, ...] = ("fp32",),
                     opset: int = 20, tolerances: dict[str, float] | None = None,
                     weights: str = "ema", batch_sizes: tuple[int, ...] = VERIFY_BATCH_SIZES,
-                    guard_fp16_overflow: bool = True) -> ExportResult:
+                    guard_fp16_overflow: bool = True, optimize_for: tuple[str, ...] = ()) -> ExportResult:
     """Write the fp32 graphs (always: they are the defaults) and any extra precisions to out_dir,
     with model.json, only if every file verifies. `validation_images`: float32 (N, C, H, W) in [0, 1].
+
+    `optimize_for` ('cpu', 'cuda') adds onnxruntime-optimised fp32 copies, verified like the rest.
     """
     unknown = sorted(set(precisions) - set(TOLERANCES))
     if unknown:
         raise ValueError(f"unknown precision {unknown}; expected some of {sorted(TOLERANCES)}")
     tolerances = {**TOLERANCES, **(tolerances or {})}
+    if "cuda" in optimize_for:
+        from export.tensorrt import nvidia_gpu_present
+
+        if not nvidia_gpu_present():
+            raise ValueError("--optimize cuda needs an NVIDIA GPU (onnxruntime would silently optimise for the CPU)")
     images = np.asarray(validation_images, dtype=np.float32)
     image_shape = (config.model.channels, config.model.image_size, config.model.image_size)
     if images.ndim != 4 or images.shape[1:] != image_shape or not len(images):
@@ -290,9 +330,15 @@ def export_verified(model, config: TrainConfig, state: dict, out_dir: str | Path
                     "decoder": {"file": files[1], **meta.DECODER_IO},
                     "fp32_layers": [b.describe() for b in blocked],
                 }
+        for provider in optimize_for:
+            report, variant = _optimized_variant(model, staging, provider, images, batch_sizes)
+            if not report.worst <= tolerances["fp32"]:
+                _raise_parity(report, tolerances["fp32"], out_dir, [])
+            reports[f"fp32-{provider}-optimized"] = report
+            variants[f"fp32-{provider}-optimized"] = variant
         metadata["parity_max_abs_diff"] = reports["fp32"].worst
         metadata["verification"] = {
-            "batch_sizes": list(batch_sizes), "tolerances": {p: tolerances[p] for p in reports},
+            "batch_sizes": list(batch_sizes), "tolerances": {p: tolerances.get(p, tolerances["fp32"]) for p in reports},
             "num_real_images": int(len(images)),
             **{p: {k: v for k, v in r.as_dict().items() if k != "precision"} for p, r in reports.items()}}
         metadata["variants"] = variants

@@ -28,23 +28,27 @@ FACTS = ("latent_dim", "image_shape", "likelihood", "likelihood_params", "weight
 
 
 @contextlib.contextmanager
-def _tracking(uri: str | None):
-    """Use `uri` for tracking and the registry inside the block, then restore the previous ones.
+def tracking_context(uri: str | None):
+    """Use `uri` for tracking and the registry inside the block, then restore what was there.
 
-    MLflow resolves `models:/` URIs through the global registry URI whatever is passed to
-    `download_artifacts`, hence the global switch.
+    MLflow resolves `models:/` URIs and logs models through the global URIs whatever is passed
+    to `download_artifacts`, hence the switch. The previous state is restored as it was (unset
+    stays unset), not as the URI it resolved to, or a later switch of the tracking URI would leave
+    the registry behind.
     """
     if not uri:
         yield
         return
-    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous_tracking)
-        mlflow.set_registry_uri(previous_registry)
+        tracking_utils._tracking_uri, registry_utils._registry_uri = previous
 
 
 def _read_metadata(model_dir: Path) -> dict:
@@ -82,7 +86,7 @@ def register_export(model_dir: str | Path, name: str, *, alias: str | None = Non
     run_id = run_id or metadata.get("mlflow_run_id")
     if not run_id:
         raise ValueError(f"{model_dir}/model.json has no mlflow_run_id: pass the training run id")
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         client.get_run(run_id)
     except mlflow.exceptions.MlflowException as error:
@@ -95,7 +99,7 @@ def register_export(model_dir: str | Path, name: str, *, alias: str | None = Non
     params, image = session.run(None, {"z": z})
     signature = infer_signature({"z": z}, {"params": params, "image": image})
     facts = {key: metadata[key] for key in FACTS if key in metadata}
-    with _tracking(tracking_uri), mlflow.start_run(run_id=run_id):
+    with tracking_context(tracking_uri), mlflow.start_run(run_id=run_id):
         mlflow.log_artifacts(str(model_dir), RUN_ARTIFACT_PATH)
         info = mlflow.onnx.log_model(
             onnx.load(str(decoder_path)), name=MODEL_NAME_IN_RUN, signature=signature,
@@ -124,7 +128,7 @@ def resolve_model_dir(uri: str | Path, dst: str | Path | None = None, tracking_u
         raise FileNotFoundError(f"{path} is not an exported model directory (no {METADATA_FILE}); "
                                 f"expected a directory, models:/NAME/VERSION or models:/NAME@ALIAS")
     try:
-        with _tracking(tracking_uri):
+        with tracking_context(tracking_uri):
             local = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=text, dst_path=str(dst) if dst else None, tracking_uri=tracking_uri,
                 registry_uri=tracking_uri))

@@ -86,10 +86,10 @@ def exported_model(trained_run, small_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported_model_fp16(trained_run, small_shards, tmp_path_factory) -> Path:
-    """`trained_run` exported at fp32 and fp16 (encoder/decoder.fp16.onnx, listed under "variants")."""
+    """`trained_run` exported at fp32, fp16 and as a CPU-optimised copy (listed under "variants")."""
     from export.__main__ import main as export_main
 
     out = tmp_path_factory.mktemp("exported-fp16") / "model"
     assert export_main(["--checkpoint", str(trained_run), "--out", str(out), "--shards", str(small_shards),
-                        "--precision", "fp32,fp16"]) == 0
+                        "--precision", "fp32,fp16", "--optimize", "cpu"]) == 0
     return out

@@ -13,7 +13,7 @@ import torch
 from onnx import numpy_helper
 
 BATCH_SIZES = (1, 7, 1024)
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "fp32-cpu-optimized": 1e-4}
 
 
 def _session(model):
@@ -44,7 +44,7 @@ def _files(model_dir, precision):
     return model_dir / entry["encoder"]["file"], model_dir / entry["decoder"]["file"]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "fp32-cpu-optimized"])
 @pytest.mark.parametrize("batch", BATCH_SIZES)
 def test_onnxruntime_matches_pytorch(exported_model_fp16, reference, precision, batch):
     model, config, _, images = reference
@@ -82,7 +82,8 @@ def test_metadata_round_trip(exported_model_fp16, reference):
 
     _, config, state, _ = reference
     metadata = json.loads((exported_model_fp16 / "model.json").read_text())
-    expected_hash = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()
+    expected_hash = hashlib.sha256(json.dumps(state["config"], sort_keys=True).encode()).hexdigest()
+    assert state["config"]["model"] == config_to_dict(config)["model"]
     assert metadata["latent_dim"] == config.model.latent_dim
     assert metadata["image_shape"] == [config.model.channels, config.model.image_size, config.model.image_size]
     assert metadata["channels"] == config.model.channels
@@ -96,12 +97,12 @@ def test_metadata_round_trip(exported_model_fp16, reference):
     assert metadata["encoder"] == {"file": "encoder.onnx", "inputs": ["x"], "outputs": ["mean", "logvar"]}
     assert metadata["decoder"] == {"file": "decoder.onnx", "inputs": ["z"], "outputs": ["params", "image"]}
     verification = metadata["verification"]
-    for precision in ("fp32", "fp16"):
+    for precision in ("fp32", "fp16", "fp32-cpu-optimized"):
         assert [row["batch"] for row in verification[precision]["rows"]] == list(BATCH_SIZES)
         assert verification[precision]["worst"] <= TOLERANCE[precision]
         for path in _files(exported_model_fp16, precision):
             props = read_onnx_metadata(path)
-            assert props["precision"] == precision
+            assert props["precision"] == precision.split("-")[0]
             assert {k: props[k] for k in ONNX_METADATA_KEYS} == {k: metadata[k] for k in ONNX_METADATA_KEYS}
             # onnxruntime reads the same metadata_props (what a consumer without onnx sees)
             custom = _session(path).get_modelmeta().custom_metadata_map
