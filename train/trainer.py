@@ -172,6 +172,12 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
         scaler.load_state_dict(state.get("scaler") or {})
         saved = state.get("position") or {"step": state["step"], "epoch": state.get("epoch", -1) + 1}
         position = Position(**saved)
+        saved_world = state.get("world_size", context.world_size)
+        if saved_world != context.world_size:  # batches per epoch changed: keep the share of the epoch
+            position.batch_in_epoch = min(num_batches - 1, position.batch_in_epoch * saved_world // context.world_size)
+            if context.is_main:
+                print(f"resuming {saved_world} ranks' checkpoint on {context.world_size}: data order and "
+                      "noise continue approximately, not exactly", file=sys.stderr, flush=True)
         rng = state.get("rng") or {}
         if "torch" in rng:
             torch.set_rng_state(rng["torch"].cpu())
@@ -262,7 +268,8 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                     sums, grad_norm = train_step(wrapped, optimizer, scaler, x, generator, config,
                                                  precision, beta)
                     # One host sync per step; gradients are all-reduced, so every rank decides alike.
-                    if torch.isfinite(grad_norm):
+                    finite = bool(torch.isfinite(grad_norm))
+                    if finite:
                         scaler.step(optimizer)
                         scaler.update()
                         if ema is not None:
@@ -317,9 +324,9 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                     if stopped_by:
                         break
                     pause_start = time.perf_counter()
-                    if position.step % config.run.eval_interval_steps == 0 and torch.isfinite(grad_norm):
+                    if position.step % config.run.eval_interval_steps == 0 and finite:
                         val_metrics = evaluate_and_log(config.run.iwae_samples)
-                    if position.step % config.run.checkpoint_interval_steps == 0 and torch.isfinite(grad_norm):
+                    if position.step % config.run.checkpoint_interval_steps == 0 and finite:
                         save()
                     window_start += time.perf_counter() - pause_start  # samples/s counts training only
             if stopped_by == "sigterm":
