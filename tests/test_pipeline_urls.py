@@ -112,3 +112,21 @@ def test_failing_pipe_and_missing_file_are_named(tmp_path):
 def test_no_manifest_beside_a_pattern_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json in"):
         open_split(f"{tmp_path}/train-{{000000..000001}}.tar", "train")
+
+
+def test_training_batches_over_http_equal_local_ones(small_shards, http_shards):
+    import itertools
+
+    from pipeline.loader import batches_per_epoch, make_train_loader
+
+    epochs = []
+    for location in (str(small_shards), http_shards):
+        shards = open_split(location, "train", FAST_RETRY)
+        count = batches_per_epoch(shards.num_samples, 60, 2)
+        loader = make_train_loader(shards, batch_size=60, rank=1, world_size=2, seed=5, num_workers=2,
+                                   epoch=3, retry=FAST_RETRY)
+        epochs.append(list(itertools.islice(loader, count)))
+        assert loader.dataset.errors.num_skipped_samples == 0
+    assert len(epochs[0]) == len(epochs[1]) == 9
+    for (x1, y1), (x2, y2) in zip(*epochs):
+        assert x1.equal(x2) and y1.equal(y2)
