@@ -25,6 +25,10 @@ class ShardOpenError(OSError):
     """A shard or manifest URL that could not be opened (after retries, for remote ones)."""
 
 
+class UnsupportedURLError(ShardOpenError):
+    """A URL scheme nothing here can read (retrying would not help)."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard to try opening a remote URL before giving up."""
@@ -104,8 +108,12 @@ class _Prefixed(io.RawIOBase):
 def _open_once(url: str, timeout_s: float):
     if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=timeout_s)
-    from webdataset.gopen import gopen
+    from webdataset.gopen import gopen, gopen_schemes
 
+    scheme = url.split("://", 1)[0] if not url.startswith("pipe:") else "pipe"
+    if scheme not in gopen_schemes:
+        raise UnsupportedURLError(f"{url}: no reader for {scheme}:// URLs; use http(s)://, or a "
+                                  f"pipe: command such as 'pipe:aws s3 cp {url} -'")
     stream = gopen(url, "rb")
     head = stream.read(512)  # a failed command exits before writing: Pipe.read raises here
     if not head:
@@ -115,6 +123,8 @@ def _open_once(url: str, timeout_s: float):
 
 
 def _retryable(error: Exception) -> bool:
+    if isinstance(error, UnsupportedURLError):
+        return False
     if isinstance(error, urllib.error.HTTPError):
         return error.code >= 500 or error.code in (408, 429)
     return isinstance(error, (OSError, ValueError))

@@ -130,3 +130,10 @@ def test_training_batches_over_http_equal_local_ones(small_shards, http_shards):
     assert len(epochs[0]) == len(epochs[1]) == 9
     for (x1, y1), (x2, y2) in zip(*epochs):
         assert x1.equal(x2) and y1.equal(y2)
+
+
+def test_unknown_scheme_says_how_to_read_it():
+    from pipeline.urls import UnsupportedURLError
+
+    with pytest.raises(UnsupportedURLError, match=r"s3://b/train-000000\.tar: no reader for s3:// URLs.*pipe:aws s3 cp"):
+        open_url("s3://b/train-000000.tar", FAST_RETRY)
