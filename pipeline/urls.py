@@ -149,6 +149,8 @@ def open_url(url: str, retry: RetryPolicy = DEFAULT_RETRY):
             time.sleep(retry.backoff_s * 2 ** (attempt - 1))
         try:
             return _open_once(url, retry.timeout_s)
+        except UnsupportedURLError:
+            raise
         except Exception as error:  # urllib, sockets and subprocesses raise many types; name the URL once
             last = error
             if not _retryable(error):
