@@ -10,7 +10,6 @@ import pytest
 from pipeline.loader import batches_per_epoch, iter_eval_batches, make_train_loader, open_split
 from pipeline.manifest import read_manifest
 from pipeline.shards import read_shard_images, write_shards
-from pipeline.sources import ImageSet
 
 
 def image_digests(images) -> list[str]:
