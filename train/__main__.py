@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from train.config import ConfigError, help_text, parse_args
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a 2-core machine
+    # shared with other processes, spinning threads made a training step 2.6x slower (567 -> 220 ms,
+    # bench notes in BENCHMARKS.md); set OMP_WAIT_POLICY yourself to override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from train.distributed import setup_distributed, teardown_distributed
     from train.trainer import EXIT_PREEMPTED, run_training
 
