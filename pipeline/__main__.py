@@ -73,7 +73,8 @@ def run_shards(args: argparse.Namespace) -> int:
     samples_per_shard = args.samples_per_shard
     if samples_per_shard is None and args.shard_size_mb is None:
         samples_per_shard = 500
-    source = load_source(args.source, data_root=args.data_root, download=args.download)
+    source = load_source(args.source, data_root=args.data_root, download=args.download,
+                         image_size=args.image_size)
     manifest = write_shards(source, args.out, samples_per_shard=samples_per_shard,
                             shard_size_mb=args.shard_size_mb, val_fraction=args.val_fraction,
                             seed=args.seed, num_workers=args.workers, force=args.force,

@@ -184,8 +184,12 @@ def torchvision_names() -> list[str]:
                   and name not in ("DatasetFolder", "ImageFolder", "VisionDataset", "FakeData"))
 
 
-def load_torchvision(name: str, root: str | Path, download: bool) -> ImageSet:
-    """A torchvision dataset's training split, downloaded by torchvision into ROOT if asked."""
+def load_torchvision(name: str, root: str | Path, download: bool, image_size: int | None = None) -> ImageSet:
+    """A torchvision dataset's training split, downloaded by torchvision into ROOT if asked.
+
+    Datasets without an in-memory array (CelebA, ...) are read image by image and resized to
+    `image_size` on the way, so only the fitted images are held.
+    """
     import torchvision.datasets as datasets
 
     names = torchvision_names()
@@ -205,14 +209,19 @@ def load_torchvision(name: str, root: str | Path, download: bool) -> ImageSet:
     if data is not None and targets is not None and len(data) == len(targets):
         images = as_uint8_nhwc(np.asarray(data), f"torchvision:{name}")
         labels = np.asarray(targets, dtype=np.int64).reshape(len(images), -1)[:, 0]
-    else:  # a generic dataset of (PIL image, target) pairs
+    else:  # a generic dataset of (PIL image, target) pairs: fit each as it comes (CelebA is 19 GB raw)
         from pipeline.images import fit_image
 
-        pairs = [dataset[i] for i in range(len(dataset))]
-        first = np.asarray(pairs[0][0])
-        images = np.stack([fit_image(np.asarray(image), None, 1 if first.ndim == 2 else 3)
-                           for image, _ in pairs])
-        labels = np.asarray([int(np.asarray(t).reshape(-1)[0]) for _, t in pairs], dtype=np.int64)
+        images_list, labels_list, channels = [], [], None
+        for index in range(len(dataset)):
+            image, target = dataset[index]
+            array = np.asarray(image)
+            channels = channels or (1 if array.ndim == 2 or array.shape[2] == 1 else 3)
+            images_list.append(fit_image(array, image_size, channels))
+            target = np.asarray(target)
+            labels_list.append(int(target) if target.size == 1 else 0)  # attribute vectors: no class
+        images = np.stack(images_list)
+        labels = np.asarray(labels_list, dtype=np.int64)
     classes = tuple(str(c) for c in getattr(dataset, "classes", ()))
     return ImageSet(name, images, labels, classes)
 
@@ -221,12 +230,14 @@ def default_data_root() -> Path:
     return Path.home() / ".cache" / "vae-pipeline" / "torchvision"
 
 
-def load_source(name: str, *, data_root: str | Path | None = None, download: bool = False):
+def load_source(name: str, *, data_root: str | Path | None = None, download: bool = False,
+                image_size: int | None = None):
     """A source from its spec: mnist5k, digits, a folder, a .npz/.npy file or torchvision:NAME."""
     if name in SOURCES:
         return SOURCES[name]()
     if name.startswith("torchvision:"):
-        return load_torchvision(name.split(":", 1)[1], data_root or default_data_root(), download)
+        return load_torchvision(name.split(":", 1)[1], data_root or default_data_root(), download,
+                                image_size)
     path = Path(name)
     if path.is_dir():
         return load_image_folder(path)
