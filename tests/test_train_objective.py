@@ -174,3 +174,27 @@ def test_epoch_and_time_limits_and_the_non_finite_guard(small_shards, tmp_path):
     with pytest.raises(FloatingPointError, match=r"3 steps in a row, the last at step \d+"):
         run_training(_config(small_shards, tmp_path / "c", optim__lr=1e30, optim__grad_clip=0.0,
                              run__max_consecutive_skips=3, run__precision="fp32"), CPU)
+
+
+def test_precision_resolution():
+    from train.precision import make_grad_scaler, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) in ("bf16", "fp32")  # bf16 only with native CPU support
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    assert not make_grad_scaler("bf16", cpu).is_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_with_grad_scaler_trains_on_cuda(small_shards, tmp_path):
+    from train import load_model
+    from train.trainer import run_training
+
+    context = DistContext(0, 1, 0, torch.device("cuda", 0), "nccl")
+    summary = run_training(_config(small_shards, tmp_path, run__precision="fp16"), context)
+    assert summary["precision"] == "fp16" and summary["steps"] == 25
+    _, _, state = load_model(tmp_path / "run")
+    assert state["scaler"]["scale"] > 0  # the GradScaler's state is checkpointed
