@@ -168,6 +168,31 @@ def time_cell(functions: dict[str, callable], arg: np.ndarray, rounds: int, roun
     return samples
 
 
+def profile_ops(path: Path, arg: np.ndarray, threads: int, runs: int = 5) -> list[dict]:
+    """Where onnxruntime (CPU) spends a call: per node, milliseconds per call, largest first."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.parent / f"profile-{path.stem}")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    session.run(None, {name: arg})
+    session.end_profiling()  # drop the first (allocating) call
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        session.run(None, {name: arg})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[tuple[str, str], float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            key = (event["args"]["op_name"], event["name"].removesuffix("_kernel_time"))
+            totals[key] = totals.get(key, 0.0) + event["dur"] / 1e3 / (runs + 1)
+    return [{"op": op, "node": node, "ms": ms} for (op, node), ms in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="trained run/checkpoint (default: untrained default model)")
@@ -225,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
                                  "floor_ms": floor_s * 1e3, "x_floor": seconds / floor_s,
                                  "spread_ms": [min(times) * 1e3, max(times) * 1e3]})
         setup = {name: runner["setup_s"] for name, runner in runners.items()}
+        biggest = max(batches)
+        profiles = {
+            "encoder": profile_ops(work / "model" / "encoder.onnx",
+                                   rng.random((biggest, *shape), dtype=np.float32), args.threads),
+            "decoder": profile_ops(work / "model" / "decoder.onnx",
+                                   rng.standard_normal((biggest, config.model.latent_dim)).astype(np.float32),
+                                   args.threads)}
     for row in rows:
         eager = next(r for r in rows if r["graph"] == row["graph"] and r["batch"] == row["batch"]
                      and r["backend"] == "torch-eager")
@@ -237,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['images_per_s']:>10.0f} {r['gflops']:>8.1f} {r['x_floor']:>8.2f} {r['speedup_vs_eager']:>7.2f}x")
     print(f"FLOPs per image: encoder {flops['encoder'] / 1e6:.2f} M, decoder {flops['decoder'] / 1e6:.2f} M; "
           f"peak {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peak.items())}")
+    for part, ops in profiles.items():
+        print(f"onnxruntime CPU {part} at batch {biggest}, per node: " + ", ".join(
+            f"{o['op']} {o['node']} {o['ms']:.1f} ms" for o in ops[:5]))
     print("session setup s: " + "; ".join(f"{k}: " + ", ".join(f"{p} {v * 1e3:.0f} ms" for p, v in s.items())
                                           for k, s in setup.items() if s))
     result = {
@@ -245,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": load_before, "load_after": load_average(),
         "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
         "checkpoint": args.checkpoint, "flops_per_image": flops, "peak_gflops": peak,
-        "session_setup_s": setup, "rows": rows,
+        "session_setup_s": setup, "rows": rows, "ort_cpu_profile_at_max_batch": profiles,
         "command": "bench/inference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                      text=True).stdout.strip(),

@@ -43,8 +43,9 @@ def config_sha256(config_dict: dict) -> str:
 def likelihood_params(model_config: dict) -> dict:
     """Constants of p(x|z) that are not graph outputs (e.g. a fixed Gaussian sigma), by name.
 
-    Read generically from the model config: any field named `likelihood_<name>` or `<...>sigma`
-    becomes `<name>` / `sigma`. A discretized logistic also states its 8-bit binning.
+    The fallback for a model without `likelihood_params()`: read from the model config, any field
+    named `likelihood_<name>` or `<...>sigma` becomes `<name>` / `sigma`; a discretized logistic
+    states its 8-bit bin width.
     """
     params: dict = {}
     for key, value in model_config.items():
@@ -53,7 +54,7 @@ def likelihood_params(model_config: dict) -> dict:
         elif key.endswith("sigma"):
             params["sigma"] = value
     if model_config.get("likelihood") == "discretized_logistic":
-        params.setdefault("num_bins", 256)
+        params.setdefault("bin_width", 1 / 255)
     if model_config.get("likelihood") != "gaussian":
         params.pop("sigma", None)  # only the fixed-sigma Gaussian keeps sigma outside the graph
     return params

@@ -194,3 +194,28 @@ def test_export_from_an_mlflow_run_id(trained_run, small_shards, tmp_path, capsy
     assert metadata["mlflow_run_id"] == run_id and metadata["training_step"] == 300
     assert main(["--run", "0" * 32, "--tracking-uri", uri, "--out", str(tmp_path / "other")]) == 1
     assert "0" * 32 in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("likelihood, channels, constants", [
+    ("gaussian", 1, {"sigma": 0.2}), ("gaussian_learned", 2, {}),
+    ("discretized_logistic", 2, {"bin_width": 1 / 255})])
+def test_every_likelihood_exports_its_layout_and_constants(likelihood, channels, constants, reference, tmp_path):
+    """model.json names the likelihood and its constants; `params` has the layout train defines."""
+    from export.metadata import read_onnx_metadata
+    from export.onnx_export import export_verified
+    from train.config import build_config
+    from train.model import build_model
+
+    _, _, _, images = reference
+    config = build_config({"model": {"likelihood": likelihood, "gaussian_sigma": 0.2}})
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()  # untrained: layout and constants, not quality
+    result = export_verified(model, config, {"step": 0}, tmp_path / "model", images, batch_sizes=(1, 7))
+    assert result.reports["fp32"].worst <= TOLERANCE["fp32"]
+    metadata = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert metadata["likelihood"] == likelihood and metadata["likelihood_params"] == constants
+    assert constants == (model.likelihood_params() if hasattr(model, "likelihood_params") else constants)
+    assert read_onnx_metadata(tmp_path / "model" / "decoder.onnx")["likelihood_params"] == constants
+    params, image = _session(tmp_path / "model" / "decoder.onnx").run(None, {"z": np.zeros((3, 16), np.float32)})
+    assert params.shape == (3, channels, 28, 28) and image.shape == (3, 1, 28, 28)
+    assert 0.0 <= image.min() and image.max() <= 1.0
