@@ -234,9 +234,8 @@ def test_server_runs_on_postgresql_with_the_manifest_settings(mlflow_server, pos
     assert mlflow_server["env"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
-def _status(url: str, host: str) -> int:
-    request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
-                                     headers={"Host": host})
+def _status(url: str, host: str, path: str = "/api/2.0/mlflow/experiments/search?max_results=1") -> int:
+    request = urllib.request.Request(f"{url}{path}", headers={"Host": host})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
@@ -250,6 +249,9 @@ def test_in_cluster_host_names_are_accepted_and_others_refused(mlflow_server):
     assert _status(url, "mlflow:5000") == 200
     assert _status(url, "mlflow.vae.svc.cluster.local:5000") == 200
     assert _status(url, "evil.example.com") == 403
+    # kubelet probes send the pod IP as Host: /health must answer them whatever the allowed hosts
+    probe = find("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert _status(url, "10.244.3.17:5000", probe["httpGet"]["path"]) == 200
 
 
 def test_two_node_training_logs_one_run_to_the_server(cluster_run, mlflow_server):
