@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512, help="decoder batch size (both sides)")
     parser.add_argument("--workers", type=int, default=2, help="writer threads for generate")
     parser.add_argument("--formats", default="npy,wds,png", help="output formats to measure")
+    parser.add_argument("--quiet-formats", default="npy,wds",
+                        help="formats also measured with onnxruntime's idle threads not spinning ('' = none)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is kept")
     parser.add_argument("--providers", default="tensorrt,cuda,cpu", help="execution providers")
     parser.add_argument("--out", default="bench/results/generate.json", help="JSON results")
@@ -49,9 +51,14 @@ def main() -> None:
 
     runtime = VAERuntime(args.model, options=RuntimeOptions(providers=parse_providers(args.providers),
                                                             batch_size=args.batch))
+    quiet = VAERuntime(args.model, options=RuntimeOptions(providers=parse_providers(args.providers),
+                                                          batch_size=args.batch, spinning=False))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    quiet_formats = [f.strip() for f in args.quiet_formats.split(",") if f.strip()]
     raw_decoder_rate(runtime, min(args.num, 4 * args.batch), args.batch)  # warm-up
-    rates: dict[str, list[float]] = {"raw": [], **{f: [] for f in formats}}
+    raw_decoder_rate(quiet, min(args.num, 4 * args.batch), args.batch)
+    rates: dict[str, list[float]] = {"raw": [], **{f: [] for f in formats},
+                                     **{f"{f} (no spinning)": [] for f in quiet_formats}}
     scratch = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     try:
         for _ in range(args.repeats):
@@ -62,18 +69,24 @@ def main() -> None:
                                   progress=False)
                 rates[fmt].append(report.samples_per_s)
                 shutil.rmtree(out)
+            for fmt in quiet_formats:
+                out = scratch / fmt
+                report = generate(quiet, args.num, out, fmt=fmt, batch_size=args.batch, workers=args.workers,
+                                  progress=False)
+                rates[f"{fmt} (no spinning)"].append(report.samples_per_s)
+                shutil.rmtree(out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     raw = statistics.median(rates["raw"])
     rows = [{"what": "raw decoder (session.run)", "samples_per_s": raw, "overhead": 0.0}]
-    rows += [{"what": f"generate --format {fmt}", "samples_per_s": statistics.median(rates[fmt]),
-              "overhead": 1.0 - statistics.median(rates[fmt]) / raw} for fmt in formats]
+    rows += [{"what": f"generate --format {key}", "samples_per_s": statistics.median(rates[key]),
+              "overhead": 1.0 - statistics.median(rates[key]) / raw} for key in rates if key != "raw"]
     print(f"provider {runtime.provider}, {args.num} samples, batch {args.batch}, {args.workers} writer threads, "
           f"median of {args.repeats}, load {os.getloadavg()[0]:.2f}")
-    print(f"{'what':<28}{'samples/s':>12}{'overhead':>10}")
+    print(f"{'what':<40}{'samples/s':>12}{'overhead':>10}")
     for row in rows:
-        print(f"{row['what']:<28}{row['samples_per_s']:>12,.0f}{row['overhead']:>10.1%}")
+        print(f"{row['what']:<40}{row['samples_per_s']:>12,.0f}{row['overhead']:>10.1%}")
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "load_1min": os.getloadavg()[0], "provider": runtime.provider,
               "num_samples": args.num, "batch": args.batch, "workers": args.workers, "repeats": args.repeats,

@@ -23,6 +23,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="execution providers in order of preference (GPU ones only used when a GPU exists)")
     parser.add_argument("--batch", type=int, default=0, help="rows per device call (0: 4096 on a GPU, 512 on CPU)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
+    parser.add_argument("--no-spin", action="store_true",
+                        help="idle onnxruntime threads sleep instead of spinning (frees CPU for writers on CPU-only hosts)")
     parser.add_argument("--variant", default="", help="a model.json variant such as fp16 ('' = default fp32)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ (default $MLFLOW_TRACKING_URI)")
 
@@ -134,7 +136,8 @@ def load_runtime(args):
     providers = ("CPUExecutionProvider",) if args.cpu else parse_providers(args.providers)
     model_dir = resolve_model(args.model, tracking_uri=args.tracking_uri)
     return VAERuntime(model_dir, options=RuntimeOptions(
-        providers=providers, batch_size=args.batch, intra_op_threads=args.threads, variant=args.variant))
+        providers=providers, batch_size=args.batch, intra_op_threads=args.threads, variant=args.variant,
+        spinning=not args.no_spin))
 
 
 def read_input(location: str, runtime, split: str = "val", limit: int = 0

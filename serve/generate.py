@@ -116,6 +116,10 @@ class _ShardWriter:
             extra={"generated": True, "labels": "none"}))
 
 
+def _convert_and_write(writer, start: int, images: np.ndarray) -> None:
+    writer.write(start, to_uint8(nchw_to_nhwc(images)))
+
+
 def generate(runtime: VAERuntime, num: int, out: str | Path, *, fmt: str = "npy", batch_size: int = 0,
              seed: int = 0, temperature: float = 1.0, workers: int = 2, samples_per_shard: int = 10_000,
              grid: str | Path | None = None, progress: bool = True) -> GenerateReport:
@@ -154,10 +158,10 @@ def generate(runtime: VAERuntime, num: int, out: str | Path, *, fmt: str = "npy"
             rows = min(batch_size, num - start)
             decode_started = time.perf_counter()
             z = rng.standard_normal((rows, runtime.latent_dim), dtype=np.float32) * np.float32(temperature)
-            images = to_uint8(nchw_to_nhwc(runtime.decode(z)))
+            images = runtime.decode(z)  # float (B, C, H, W); workers convert to uint8 (B, H, W, C)
             decode_seconds += time.perf_counter() - decode_started
             if grid is not None:  # the contact sheet holds the first 64 samples, whatever the batch size
-                grid_images.append(images[:64 - sum(map(len, grid_images))])
+                grid_images.append(to_uint8(nchw_to_nhwc(images[:64 - sum(map(len, grid_images))])))
                 if sum(map(len, grid_images)) >= min(64, num):
                     save_grid(np.concatenate(grid_images), grid, num_cols=8)
                     grid = None
@@ -169,7 +173,7 @@ def generate(runtime: VAERuntime, num: int, out: str | Path, *, fmt: str = "npy"
                 buffered = [rest] if len(rest) else []
                 while len(in_flight) >= 2 * workers:  # backpressure: bounded memory
                     in_flight.popleft().result()
-                future = pool.submit(writer.write, buffered_start, chunk)
+                future = pool.submit(_convert_and_write, writer, buffered_start, chunk)
                 future.add_done_callback(lambda f, n=len(chunk): bar.update(n))
                 in_flight.append(future)
                 buffered_start += len(chunk)

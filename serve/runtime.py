@@ -64,6 +64,8 @@ class RuntimeOptions:
     """Threads across independent operators (0: onnxruntime's default)."""
     io_binding: bool | None = None
     """Bind inputs/outputs to device buffers (None: on CUDA only)."""
+    spinning: bool = True
+    """Let idle onnxruntime threads spin (lowest latency); off frees the cores for CPU work beside it."""
     variant: str = ""
     """A variant listed in model.json "variants" (e.g. "fp16"); '' uses the default fp32 graphs."""
 
@@ -137,6 +139,8 @@ class VAERuntime:
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not options.spinning:
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = choose_providers(options.providers)
         self.encoder = _Graph(model_dir / _variant_file(self.metadata, options.variant, "encoder"),
                               session_options, chosen, options.io_binding)
