@@ -12,7 +12,7 @@ NPROC ?= 2
 DEMO_SECONDS ?= 150
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean help
+.PHONY: install demo test k8s-check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -31,7 +31,11 @@ demo: install  ## shards -> torchrun DDP training -> ONNX -> sample and reconstr
 	OUT=$(OUT) NPROC=$(NPROC) DEMO_SECONDS=$(DEMO_SECONDS) PYTHON=$(PYTHON) bash scripts/demo.sh
 
 test: install  ## run the whole test suite (end-to-end tests included)
+	bash scripts/ensure-postgres.sh
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+k8s-check: install  ## validate the Kubernetes manifests and Dockerfiles offline (~40 s)
+	$(PYTHON) -m pytest -q tests/test_k8s.py tests/test_docker.py
 
 clean:  ## remove demo outputs
 	rm -rf $(OUT)
