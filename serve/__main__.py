@@ -137,7 +137,8 @@ def load_runtime(args):
     model_dir = resolve_model(args.model, tracking_uri=args.tracking_uri)
     return VAERuntime(model_dir, options=RuntimeOptions(
         providers=providers, batch_size=args.batch, intra_op_threads=args.threads, variant=args.variant,
-        spinning=not args.no_spin))
+        # the HTTP service runs many small device calls beside an event loop: spinning threads would starve it
+        spinning=not args.no_spin and args.command != "http"))
 
 
 def read_input(location: str, runtime, split: str = "val", limit: int = 0
