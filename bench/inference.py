@@ -87,11 +87,11 @@ def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() and torch.cuda.is_available()
 
 
-def build_runners(model, model_dir: Path, work: Path, threads: int) -> dict[str, dict]:
+def build_runners(model, model_dir: Path, work: Path, threads: int, spin: bool = True) -> dict[str, dict]:
     """backend -> {"encoder": fn(x), "decoder": fn(z), "setup_s": {...}}; each fn returns numpy."""
     import onnxruntime as ort
 
-    from export.optimize import open_optimized, optimized_copy
+    from export.optimize import optimized_copy
 
     metadata = json.loads((model_dir / "model.json").read_text())
     runners: dict[str, dict] = {}
@@ -114,12 +114,14 @@ def build_runners(model, model_dir: Path, work: Path, threads: int) -> dict[str,
         runner, setup = {}, {}
         for part, path in files.items():
             started = time.perf_counter()
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
             if optimized:
-                session = open_optimized(path, threads=threads)
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done offline
+                session = ort.InferenceSession(str(path), options, providers=providers)
             else:
-                options = ort.SessionOptions()
-                options.log_severity_level = 3
-                options.intra_op_num_threads = threads
                 session = ort.InferenceSession(str(path), options, providers=providers,
                                                provider_options=provider_options)
             setup[part] = time.perf_counter() - started
@@ -200,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per cell")
     parser.add_argument("--round-s", type=float, default=0.3, help="seconds per backend per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and onnxruntime")
+    parser.add_argument("--no-spin", action="store_true",
+                        help="onnxruntime intra-op threads sleep instead of spinning (helps on a shared CPU; "
+                             "pair with OMP_WAIT_POLICY=PASSIVE for torch)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "inference.json"))
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         images = np.random.default_rng(0).random((256, *shape), dtype=np.float32)  # speed only
         export_verified(model, config, state, work / "model", images, precisions=("fp32", "fp16"),
                         batch_sizes=(1, 7, 64))
-        runners = build_runners(model, work / "model", work, args.threads)
+        runners = build_runners(model, work / "model", work, args.threads, spin=not args.no_spin)
         flops = flops_per_image(model)
         peak = {"cpu": peak_gflops("cpu")}
         if gpu_present():
@@ -276,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                                           for k, s in setup.items() if s))
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(),
-        "cores": os.cpu_count(), "threads": args.threads, "gpu": torch.cuda.get_device_name(0) if gpu_present() else None,
+        "cores": os.cpu_count(), "threads": args.threads, "ort_spinning": not args.no_spin,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "gpu": torch.cuda.get_device_name(0) if gpu_present() else None,
         "load_before": load_before, "load_after": load_average(),
         "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
         "checkpoint": args.checkpoint, "flops_per_image": flops, "peak_gflops": peak,
