@@ -90,6 +90,24 @@ async def run_clients(url: str, clients: int, seconds: float, max_requests: int)
             "p99_ms": float(np.percentile(ms, 99))}
 
 
+def device_ceiling(model: str, providers: str, seconds: float = 2.0) -> dict:
+    """In-process decoder rows/s at batch 1 vs batch 64: the most batching can give on this device."""
+    from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
+
+    runtime = VAERuntime(model, options=RuntimeOptions(providers=parse_providers(providers), spinning=False))
+    rates = {}
+    for batch in (1, 64):
+        z = np.zeros((batch, runtime.latent_dim), np.float32)
+        runtime.decoder.run(z, ["params", "image"], batch)
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            runtime.decoder.run(z, ["params", "image"], batch)
+            count += batch
+        rates[batch] = count / (time.perf_counter() - started)
+    return {"provider": runtime.provider, "rows_per_s_batch1": rates[1], "rows_per_s_batch64": rates[64],
+            "ratio": rates[64] / rates[1]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="exported model directory")
@@ -100,6 +118,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/serve_load.json", help="JSON results")
     args = parser.parse_args()
 
+    ceiling = device_ceiling(args.model, args.providers)
+    print(f"device only ({ceiling['provider']}): decoder {ceiling['rows_per_s_batch1']:,.0f} rows/s at batch 1, "
+          f"{ceiling['rows_per_s_batch64']:,.0f} at batch 64 ({ceiling['ratio']:.1f}x)", flush=True)
     rows = []
     for mode, extra in MODES.items():
         process, url = start_server(args.model, extra, args.providers)
@@ -126,7 +147,7 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_1min": os.getloadavg()[0], "seconds": args.seconds, "modes": MODES, "rows": rows,
-              "throughput_ratio": ratios}
+              "throughput_ratio": ratios, "device_ceiling": ceiling}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
