@@ -16,7 +16,7 @@ echo "== 2/4 train: torchrun --nproc_per_node=$NPROC, about ${DEMO_SECONDS}s"
 rm -rf "$OUT/run"
 "$BIN/torchrun" --standalone --nproc_per_node="$NPROC" -m train \
     --data.shards="$OUT/shards" --run.out_dir="$OUT/run" \
-    --run.max_steps=100000 --run.max_time_s="$DEMO_SECONDS" --run.eval_interval_steps=200 \
+    --run.max_steps=0 --run.max_time_s="$DEMO_SECONDS" --run.eval_interval_steps=200 \
     --run.checkpoint_interval_steps=500 --run.run_name=demo | tee "$OUT/train-summary.jsonl"
 
 echo "== 3/4 export: ONNX encoder and decoder, verified against PyTorch"
