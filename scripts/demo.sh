@@ -26,10 +26,14 @@ echo "== 4/4 serve: sample and reconstruction grids through onnxruntime"
 "$PYTHON" -m serve generate --model "$OUT/model" -n 64 --out "$OUT/samples.png"
 "$PYTHON" -m serve reconstruct --model "$OUT/model" --input "$OUT/shards" --out "$OUT/reconstructions.png"
 
-nelbo=$("$PYTHON" -c "import json,sys; print(round(json.loads(open(sys.argv[1]).readline())['val/neg_elbo'], 2))" "$OUT/train-summary.jsonl")
+scores=$("$PYTHON" -c "
+import json, sys
+s = json.loads(open(sys.argv[1]).readline())
+nll = f\", IWAE NLL {s['val/nll']:.2f}\" if 'val/nll' in s else ''
+print(f\"negative ELBO {s['val/neg_elbo']:.2f} nats per image{nll}, after {s['steps']} steps\")" "$OUT/train-summary.jsonl")
 cat <<TXT
 
-Done in $((SECONDS - started)) s. Validation negative ELBO: $nelbo nats per image.
+Done in $((SECONDS - started)) s. Validation: $scores.
   shards + manifest   $OUT/shards/manifest.json
   checkpoints         $OUT/run/checkpoints/
   ONNX model          $OUT/model/{encoder,decoder}.onnx, model.json
