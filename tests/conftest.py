@@ -24,9 +24,10 @@ def free_port() -> int:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: the repo importable, quiet warnings, MLflow off the network."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", **extra}
-    env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in extra else None
-    return env
+    # MLflow settings left in this process's environment by in-process calls (set_tracking_uri and
+    # set_registry_uri write them) must not steer a child to another test's server.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**inherited, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", **extra}
 
 
 @pytest.fixture(scope="session")
