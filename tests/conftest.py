@@ -94,3 +94,23 @@ def exported_model_fp16(trained_run, small_shards, tmp_path_factory) -> Path:
     assert export_main(["--checkpoint", str(trained_run), "--out", str(out), "--shards", str(small_shards),
                         "--precision", "fp32,fp16", "--optimize", "cpu"]) == 0
     return out
+
+
+def wait_until_healthy(url: str, process, timeout_s: float = 120.0, log_path: Path | None = None) -> None:
+    """Poll `url` until it answers 200; fail with the server's log tail if it dies or never answers."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            log = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
+            process.kill()
+            pytest.fail(f"{url} not healthy after {timeout_s:.0f} s (exit code {process.poll()}): {log}")
+        time.sleep(0.5)

@@ -6,13 +6,11 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env
+from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +28,7 @@ def mlflow_server(trained_run, tmp_path_factory):
         cwd=work, env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log,
         stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"mlflow server did not start: {(work / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    wait_until_healthy(f"{url}/health", process, 120, work / "server.log")
     yield url
     process.terminate()
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env
+from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env, wait_until_healthy
 from tests.test_k8s import container_env, expand_k8s_vars, find, pod_spec, split_torchrun, training_command
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
@@ -107,17 +107,7 @@ def mlflow_server(postgres, tmp_path_factory):
                                cwd=artifacts.parent, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert process.poll() is None, (artifacts.parent / "mlflow-server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server not healthy after 90 s"
-            time.sleep(0.5)
+        wait_until_healthy(f"{url}/health", process, 90, artifacts.parent / "mlflow-server.log")
         server = psutil.Process(process.pid)
         time.sleep(2)  # let the workers settle after the first /health
         yield {"url": url, "artifacts": artifacts, "process": server, "env": env, "port": port,

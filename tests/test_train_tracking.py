@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env
+from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -24,16 +23,8 @@ def start_server(port: int, root: Path) -> subprocess.Popen:
          "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
         env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return process
-        except OSError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-        time.sleep(0.5)
+    wait_until_healthy(f"http://127.0.0.1:{port}/health", process, 120)
+    return process
 
 
 def stop_server(process: subprocess.Popen) -> None:
