@@ -114,3 +114,16 @@ def wait_until_healthy(url: str, process, timeout_s: float = 120.0, log_path: Pa
             process.kill()
             pytest.fail(f"{url} not healthy after {timeout_s:.0f} s (exit code {process.poll()}): {log}")
         time.sleep(0.5)
+
+
+def stop_process_group(process, timeout_s: float = 30.0) -> None:
+    """SIGTERM a server started with start_new_session=True and its children; SIGKILL after timeout_s."""
+    import signal
+    import subprocess
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -4,8 +4,6 @@ them) while the API itself wants the token from the Secret."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -13,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env
+from tests.conftest import REPO, VENV_BIN, free_port, stop_process_group, subprocess_env
 from tests.test_k8s import container_env, find, pod_spec
 
 pytestmark = pytest.mark.slow
@@ -76,11 +74,6 @@ def test_serving_command_answers_the_manifest_probes(exported_model):
         assert _get(base + liveness) == 200 and _get(base + startup) == 200  # kubelets send no token
         assert _get(base + "/metrics") == 401 and _get(base + "/metrics", token) == 200
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process, timeout_s=60)
     # SIGTERM drains and exits within the pod's grace period
     assert process.returncode is not None

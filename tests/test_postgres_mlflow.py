@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env, wait_until_healthy
+from tests.conftest import REPO, VENV_BIN, free_port, stop_process_group, subprocess_env, wait_until_healthy
 from tests.test_k8s import container_env, expand_k8s_vars, find, pod_spec, split_torchrun, training_command
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
@@ -113,12 +112,7 @@ def mlflow_server(postgres, tmp_path_factory):
         yield {"url": url, "artifacts": artifacts, "process": server, "env": env, "port": port,
                "ready_rss_mib": rss_mib(server)}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process, timeout_s=30)
         log.close()
 
 

@@ -4,15 +4,13 @@ a server that never comes back leaves the metrics on disk for the next start of 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env, wait_until_healthy
+from tests.conftest import REPO, VENV_BIN, free_port, stop_process_group, subprocess_env, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +26,7 @@ def start_server(port: int, root: Path) -> subprocess.Popen:
 
 
 def stop_server(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)  # the server and its worker processes
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_process_group(process, timeout_s=30)  # the server and its worker processes
 
 
 def local_records(run_dir: Path) -> list[dict]:
