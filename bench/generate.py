@@ -26,6 +26,15 @@ from serve.generate import generate
 from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
 
 
+def run_generate(runtime: VAERuntime, spec: str, out: Path, args) -> float:
+    """samples/s of one `generate` call; spec is a format, or wds/LAYOUT."""
+    fmt, _, layout = spec.partition("/")
+    report = generate(runtime, args.num, out, fmt=fmt, layout=layout or "auto", batch_size=args.batch,
+                      workers=args.workers, progress=False)
+    shutil.rmtree(out)
+    return report.samples_per_s
+
+
 def raw_decoder_rate(runtime: VAERuntime, num: int, batch: int) -> float:
     z = np.random.default_rng(0).standard_normal((num, runtime.latent_dim), dtype=np.float32)
     session, name = runtime.decoder.session, runtime.decoder.input.name
@@ -41,8 +50,9 @@ def main() -> None:
     parser.add_argument("-n", "--num", type=int, default=20_000, help="samples per measurement")
     parser.add_argument("--batch", type=int, default=512, help="decoder batch size (both sides)")
     parser.add_argument("--workers", type=int, default=2, help="writer threads for generate")
-    parser.add_argument("--formats", default="npy,wds,png", help="output formats to measure")
-    parser.add_argument("--quiet-formats", default="npy,wds",
+    parser.add_argument("--formats", default="npy,wds,wds/png,png",
+                        help="output formats to measure; wds/LAYOUT picks a shard layout (wds alone: auto)")
+    parser.add_argument("--quiet-formats", default="",
                         help="formats also measured with onnxruntime's idle threads not spinning ('' = none)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is kept")
     parser.add_argument("--providers", default="tensorrt,cuda,cpu", help="execution providers")
@@ -64,18 +74,10 @@ def main() -> None:
         for _ in range(args.repeats):
             rates["raw"].append(raw_decoder_rate(runtime, args.num, args.batch))
             for fmt in formats:
-                out = scratch / fmt
-                report = generate(runtime, args.num, out, fmt=fmt, batch_size=args.batch, workers=args.workers,
-                                  progress=False)
-                rates[fmt].append(report.samples_per_s)
-                shutil.rmtree(out)
+                rates[fmt].append(run_generate(runtime, fmt, scratch / "out", args))
             rates["raw (no spinning)"].append(raw_decoder_rate(quiet, args.num, args.batch))
             for fmt in quiet_formats:
-                out = scratch / fmt
-                report = generate(quiet, args.num, out, fmt=fmt, batch_size=args.batch, workers=args.workers,
-                                  progress=False)
-                rates[f"{fmt} (no spinning)"].append(report.samples_per_s)
-                shutil.rmtree(out)
+                rates[f"{fmt} (no spinning)"].append(run_generate(quiet, fmt, scratch / "out", args))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -10,16 +10,16 @@ import numpy as np
 from PIL import Image
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """Encode an HxWxC uint8 image (C is 1 or 3) as PNG bytes, losslessly."""
+def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """Encode an HxWxC uint8 image (C is 1 or 3) as PNG bytes, losslessly (any compress_level 0-9)."""
     if image.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {image.dtype}")
     if image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"expected an HxWxC image with C in (1, 3), got shape {image.shape}")
     pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
     buffer = io.BytesIO()
-    # compress_level=6 is deterministic across runs, which keeps shards byte-identical.
-    pil.save(buffer, format="PNG", compress_level=6)
+    # Any fixed level is deterministic across runs, which keeps shards byte-identical.
+    pil.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 

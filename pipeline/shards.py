@@ -54,23 +54,26 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _write_tar(fileobj, keys: list[str], images: np.ndarray, labels: np.ndarray, *, layout: str,
-               samples_per_block: int, block_prefix: str) -> None:
+def write_tar(fileobj, keys: list[str], images: np.ndarray, labels: np.ndarray | None, *, layout: str,
+              samples_per_block: int, block_prefix: str) -> None:
+    """(N,H,W,C) uint8 images as one tar shard in `layout`; labels None (unlabelled) writes no label members."""
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         if layout == "block":
             for number, start in enumerate(range(0, len(keys), samples_per_block)):
                 stop = start + samples_per_block
                 key = f"{block_prefix}-b{number:05d}"
                 _add_member(tar, f"{key}.images.npy", encode_npy(images[start:stop]))
-                _add_member(tar, f"{key}.labels.npy", encode_npy(labels[start:stop].astype(np.int64)))
+                if labels is not None:
+                    _add_member(tar, f"{key}.labels.npy", encode_npy(labels[start:stop].astype(np.int64)))
                 _add_member(tar, f"{key}.keys.json", json.dumps(keys[start:stop]).encode("ascii"))
             return
-        for key, image, label in zip(keys, images, labels):
+        for index, (key, image) in enumerate(zip(keys, images)):
             if layout == "png":
                 _add_member(tar, f"{key}.png", encode_png(image))
             else:
                 _add_member(tar, f"{key}.npy", encode_npy(image))
-            _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
+            if labels is not None:
+                _add_member(tar, f"{key}.cls", str(int(labels[index])).encode("ascii"))
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray]:
     images = load_images(job.source, job.keys, job.image_size, job.channels, job.image_shape)
     temporary = job.path.with_suffix(".tar.tmp")
     with open(temporary, "wb") as handle:
-        _write_tar(handle, job.keys, images, job.source.labels, layout=job.layout,
+        write_tar(handle, job.keys, images, job.source.labels, layout=job.layout,
                    samples_per_block=job.samples_per_block, block_prefix=job.path.stem)
     temporary.replace(job.path)
     flat = images.reshape(-1, images.shape[-1]).astype(np.int64)
@@ -133,7 +136,7 @@ def _samples_per_shard_for(source: Source, indices: np.ndarray, shard_size_mb: f
     keys = [f"probe-{i:07d}" for i in range(len(probe))]
     images = load_images(source.subset(probe), keys, image_size, channels, image_shape)
     buffer = io.BytesIO()
-    _write_tar(buffer, keys, images, source.labels[probe], layout=layout,
+    write_tar(buffer, keys, images, source.labels[probe], layout=layout,
                samples_per_block=samples_per_block, block_prefix="probe")
     bytes_per_sample = len(buffer.getvalue()) / len(probe)
     return max(1, int(shard_size_mb * (1 << 20) // bytes_per_sample))

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=1.0, help="scale of z ~ N(0, I)")
     generate.add_argument("--workers", type=int, default=2, help="writer threads overlapping with decoding")
     generate.add_argument("--samples-per-shard", type=int, default=10_000, help="wds: samples per tar shard")
+    generate.add_argument("--layout", choices=("auto", "block", "npy", "png"), default="auto",
+                          help="wds: how images sit in the tar, as in `pipeline shards` (auto: blocks of raw "
+                               "pixels for small images, PNG for large ones)")
     generate.add_argument("--grid", default=None, help="also write a contact sheet of the first 64 samples")
     generate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -209,7 +212,8 @@ def run_generate(runtime, args) -> None:
         return
     report = generate(runtime, args.num, args.out, fmt=args.format or "npy", batch_size=args.batch,
                       seed=args.seed, temperature=args.temperature, workers=args.workers,
-                      samples_per_shard=args.samples_per_shard, grid=args.grid, progress=not args.no_progress)
+                      samples_per_shard=args.samples_per_shard, layout=args.layout, grid=args.grid,
+                      progress=not args.no_progress)
     print(f"wrote {report.num_samples} samples as {args.format or 'npy'} to {report.out} in {report.seconds:.2f} s: "
           f"{report.samples_per_s:,.0f} samples/s (decoding {report.decode_seconds:.2f} s) on {report.provider}")
 

@@ -4,14 +4,14 @@ The main thread decodes batch after batch; each decoded batch goes to a pool of 
 (Pillow's PNG encoder, numpy and file writes release the GIL). At most `2 * workers` batches are in
 flight, so memory stays bounded however many samples are asked for.
 Formats: `npy` (one (N, H, W, C) uint8 file, written through a memmap), `png` (one file per
-sample, 10,000 per folder) and `wds` (WebDataset tar shards plus manifest.json, readable by
-`pipeline.loader.open_split(DIR, "train")`).
+sample, 10,000 per folder) and `wds` (WebDataset tar shards plus manifest.json in the pipeline's
+layouts, readable by `pipeline.loader.open_split(DIR, "train")` and so by `train`). `wds` picks
+the layout as `pipeline shards` does ("auto": blocks of raw pixels for small images, PNG for large
+ones): one PNG per member costs more CPU than decoding on this kind of machine (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import io
-import tarfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from pipeline.images import nchw_to_nhwc, save_grid, to_uint8
-from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+from pipeline.images import encode_png, nchw_to_nhwc, save_grid, to_uint8
+from pipeline.manifest import LAYOUTS, Manifest, ShardInfo, sha256_of, write_manifest
+from pipeline.shards import DEFAULT_SAMPLES_PER_BLOCK, resolve_layout, write_tar
 from serve.runtime import VAERuntime
 
 FORMATS = ("npy", "png", "wds")
@@ -66,33 +66,23 @@ class _PngWriter:
     def write(self, start: int, images: np.ndarray) -> None:
         for offset, image in enumerate(images):
             index = start + offset
-            (self.out / f"{index // PNG_PER_FOLDER:05d}" / f"{index:09d}.png").write_bytes(_png_bytes(image))
+            # compress_level=1: lossless like the default, several times faster on small images
+            (self.out / f"{index // PNG_PER_FOLDER:05d}" / f"{index:09d}.png").write_bytes(
+                encode_png(image, compress_level=1))
 
     def close(self) -> None:
         pass
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    # compress_level=1: lossless like the default, several times faster on small images
-    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o444
-    tar.addfile(info, io.BytesIO(payload))
-
-
 class _ShardWriter:
-    """Plain WebDataset shards (`KEY.png` per sample) of `samples_per_shard`, plus manifest.json."""
+    """WebDataset shards of `samples_per_shard` in a pipeline layout (no labels), plus manifest.json."""
 
     def __init__(self, out: Path, num: int, shape: tuple[int, int, int], samples_per_shard: int,
-                 source: str, seed: int) -> None:
+                 source: str, seed: int, layout: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out, self.shape, self.source, self.seed = out, shape, source, seed
         self.samples_per_shard = samples_per_shard
+        self.layout = resolve_layout(layout, shape)
         self.infos: dict[int, ShardInfo] = {}
 
     def write(self, start: int, images: np.ndarray) -> None:
@@ -100,9 +90,10 @@ class _ShardWriter:
         number = start // self.samples_per_shard
         path = self.out / f"train-{number:06d}.tar"
         temporary = path.with_suffix(".tar.tmp")
-        with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for offset, image in enumerate(images):
-                _add_member(tar, f"sample-{start + offset:09d}.png", _png_bytes(image))
+        keys = [f"sample-{start + offset:09d}" for offset in range(len(images))]
+        with open(temporary, "wb") as handle:
+            write_tar(handle, keys, images, None, layout=self.layout, samples_per_block=DEFAULT_SAMPLES_PER_BLOCK,
+                      block_prefix=f"train-{number:06d}")
         temporary.replace(path)
         self.infos[number] = ShardInfo(path.name, len(images), path.stat().st_size, sha256_of(path))
 
@@ -112,7 +103,8 @@ class _ShardWriter:
         write_manifest(self.out, Manifest(
             source=self.source, seed=self.seed, image_shape=self.shape,
             splits={"train": [self.infos[k] for k in sorted(self.infos)]},
-            pixel_mean=0.0, pixel_std=0.0, num_classes=0, tool_version=__version__,
+            pixel_mean=0.0, pixel_std=0.0, num_classes=0, tool_version=__version__, layout=self.layout,
+            samples_per_block=DEFAULT_SAMPLES_PER_BLOCK if self.layout == "block" else 0,
             extra={"generated": True, "labels": "none"}))
 
 
@@ -122,7 +114,7 @@ def _convert_and_write(writer, start: int, images: np.ndarray) -> None:
 
 def generate(runtime: VAERuntime, num: int, out: str | Path, *, fmt: str = "npy", batch_size: int = 0,
              seed: int = 0, temperature: float = 1.0, workers: int = 2, samples_per_shard: int = 10_000,
-             grid: str | Path | None = None, progress: bool = True) -> GenerateReport:
+             layout: str = "auto", grid: str | Path | None = None, progress: bool = True) -> GenerateReport:
     """Decode `num` samples in batches and write them as `fmt` under `out` while the next batch decodes.
 
     The latents are one seeded stream, so the same seed gives the same samples whatever the batch size.
@@ -139,10 +131,12 @@ def generate(runtime: VAERuntime, num: int, out: str | Path, *, fmt: str = "npy"
     shape = (height, width, channels)
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if layout not in LAYOUTS + ("auto",):
+        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
     # npy/png write each decoded batch; wds writes whole shards, so batches are gathered to shard size
     unit = samples_per_shard if fmt == "wds" else batch_size
     if fmt == "wds":
-        writer = _ShardWriter(out, num, shape, samples_per_shard, f"generated:{runtime.model_dir}", seed)
+        writer = _ShardWriter(out, num, shape, samples_per_shard, f"generated:{runtime.model_dir}", seed, layout)
     else:
         writer = {"npy": _NpyWriter, "png": _PngWriter}[fmt](out, num, shape)
     rng = np.random.default_rng(seed)

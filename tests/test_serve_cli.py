@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+import tarfile
 
 import numpy as np
 import pytest
@@ -43,11 +44,24 @@ def test_generate_png_and_wds_feed_the_pipeline(exported_model, tmp_path):
                  "--no-progress"]) == 0
     shards = open_split(str(tmp_path / "wds"), "train")
     assert shards.counts == [100, 100, 50] and shards.manifest.image_shape == (28, 28, 1)
-    images, _ = read_shard_images(shards.urls[0], shards.manifest.image_shape)
+    assert shards.manifest.layout == "block"  # "auto" for 28x28, as `pipeline shards` picks
+    blocks = [read_shard_images(url, shards.manifest.image_shape) for url in shards.urls]
+    images, labels = np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+    assert images.shape == (250, 28, 28, 1) and set(labels.tolist()) == {-1}  # generated: unlabelled
     npy_dir = tmp_path / "npy"
-    assert main(["generate", "--model", str(exported_model), "-n", "100", "--out", str(npy_dir), "--seed", "1",
+    assert main(["generate", "--model", str(exported_model), "-n", "250", "--out", str(npy_dir), "--seed", "1",
                  "--no-progress"]) == 0
-    np.testing.assert_array_equal(images, np.load(npy_dir / "samples.npy"))  # PNG in the tar is lossless
+    np.testing.assert_array_equal(images, np.load(npy_dir / "samples.npy"))
+    # the plain one-PNG-per-sample layout, for readers outside this project
+    assert main(["generate", "--model", str(exported_model), "-n", "30", "--out", str(tmp_path / "wds-png"),
+                 "--format", "wds", "--layout", "png", "--seed", "1", "--no-progress"]) == 0
+    png_shards = open_split(str(tmp_path / "wds-png"), "train")
+    assert png_shards.manifest.layout == "png"
+    with tarfile.open(png_shards.urls[0]) as tar:
+        names = tar.getnames()
+    assert len(names) == 30 and all(name.endswith(".png") for name in names)
+    png_images, _ = read_shard_images(png_shards.urls[0], (28, 28, 1))
+    np.testing.assert_array_equal(png_images, images[:30])  # PNG in the tar is lossless
 
 
 def test_encode_writes_latents_labels_and_a_plot(exported_model, small_shards, tmp_path):
