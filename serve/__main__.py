@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--samples", type=int, default=1, help="z samples per image (K)")
     score.add_argument("--method", choices=("elbo", "iwae"), default="elbo",
                        help="elbo: mean negative ELBO over K draws; iwae: importance-weighted bound with K samples")
+    score.add_argument("--complexity", choices=("none", "png"), default="none",
+                       help="png: subtract each image's PNG code length from its score (input-complexity "
+                            "correction, Serra et al. 2020): likelihoods favour simple images whatever their class")
     score.add_argument("--seed", type=int, default=0, help="noise seed")
     score.add_argument("--labels", default=None,
                        help="comma-separated labels that count as anomalies (e.g. 9): report and store ROC AUC")
@@ -262,29 +265,41 @@ def run_encode(runtime, args) -> None:
         print(f"wrote a 2-D plot to {args.plot}")
 
 
+def check_same_score(calibration: dict, method: str, complexity: str, path) -> None:
+    """A threshold only means something for the score it was calibrated on."""
+    calibrated = (calibration.get("method", "elbo"), calibration.get("complexity", "none"))
+    if calibrated != (method, complexity):
+        raise ValueError(f"{path} was calibrated with --method {calibrated[0]} --complexity {calibrated[1]}; "
+                         f"scoring with --method {method} --complexity {complexity} would compare unlike scores")
+
+
 def run_score(runtime, args) -> None:
     from serve.analysis import roc_auc, threshold_for_fpr
 
     x, labels, keys = read_input(args.input, runtime, args.split, args.num)
     started = time.perf_counter()
-    scores = runtime.score(x, num_samples=args.samples, method=args.method, seed=args.seed)
-    _report(f"scored ({args.method}, K={args.samples})", len(x), time.perf_counter() - started, runtime)
+    scores = runtime.score(x, num_samples=args.samples, method=args.method, seed=args.seed,
+                           complexity=args.complexity)
+    _report(f"scored ({args.method}, K={args.samples}, complexity {args.complexity})", len(x),
+            time.perf_counter() - started, runtime)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     threshold_file = Path(args.threshold_file) if args.threshold_file else out.with_name("threshold.json")
     threshold = None
     summary: dict = {"num_images": len(x), "method": args.method, "num_samples": args.samples,
-                     "mean_score": float(scores.mean())}
+                     "complexity": args.complexity, "mean_score": float(scores.mean())}
     if args.calibrate:
         if not 0.0 < args.target_fpr < 1.0:
             raise ValueError(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
         threshold = threshold_for_fpr(scores, args.target_fpr)
         threshold_file.write_text(json.dumps({"threshold": threshold, "target_fpr": args.target_fpr,
                                               "method": args.method, "num_samples": args.samples,
-                                              "num_images": len(x), "model": str(runtime.model_dir)}, indent=2) + "\n")
+                                              "complexity": args.complexity, "num_images": len(x), "model": str(runtime.model_dir)}, indent=2) + "\n")
         print(f"threshold {threshold:.3f} nats for a false-positive rate of {args.target_fpr} -> {threshold_file}")
     elif args.threshold_file and threshold_file.is_file():
-        threshold = float(json.loads(threshold_file.read_text())["threshold"])
+        calibration = json.loads(threshold_file.read_text())
+        check_same_score(calibration, args.method, args.complexity, threshold_file)
+        threshold = float(calibration["threshold"])
     if args.labels is not None:
         if labels is None:
             raise ValueError(f"--labels needs labelled input; {args.input} has none")
@@ -341,13 +356,15 @@ def run_http(runtime, args) -> None:
     from serve.batching import BatchingOptions
     from serve.http import TOKEN_ENV, ServiceOptions, serve
 
-    threshold = None
+    threshold, threshold_score = None, ("elbo", "none")
     if args.threshold_file:
-        threshold = float(json.loads(Path(args.threshold_file).read_text())["threshold"])
+        calibration = json.loads(Path(args.threshold_file).read_text())
+        threshold = float(calibration["threshold"])
+        threshold_score = (calibration.get("method", "elbo"), calibration.get("complexity", "none"))
     options = ServiceOptions(
         batching=BatchingOptions(args.max_batch_size, args.max_queue_delay_ms, args.max_queue),
         max_items=args.max_items, max_body_bytes=args.max_body_bytes, token=os.environ.get(TOKEN_ENV, ""),
-        threshold=threshold)
+        threshold=threshold, threshold_score=threshold_score)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not options.token:
         print(f"warning: binding {args.host} without ${TOKEN_ENV}: anyone who can reach it can use it",
               file=sys.stderr)

@@ -31,8 +31,8 @@ from pydantic import BaseModel, Field
 
 from pipeline.images import decode_image, encode_png, make_grid, nchw_to_nhwc, nhwc_to_nchw, to_uint8, to_unit_float
 from serve.batching import BatchingOptions, DynamicBatcher, QueueFull
-from serve.runtime import (LOGVAR_MAX, LOGVAR_MIN, VAERuntime, interpolate_latents, latents_for_score, score_from_parts,
-                           score_noise)
+from serve.runtime import (LOGVAR_MAX, LOGVAR_MIN, VAERuntime, complexity_nats, interpolate_latents, latents_for_score,
+                           score_from_parts, score_noise)
 
 TOKEN_ENV = "VAE_SERVE_TOKEN"
 Output = Literal["json", "png"]
@@ -56,6 +56,8 @@ class ServiceOptions:
     """Bearer token required on /v1/* and /metrics when not empty (default: $VAE_SERVE_TOKEN)."""
     threshold: float | None = None
     """Anomaly threshold (from `score --calibrate`): /v1/score then says which images exceed it."""
+    threshold_score: tuple[str, str] = ("elbo", "none")
+    """(method, complexity) the threshold was calibrated with: only requests scored alike are flagged."""
     retry_after_s: int = 1
     """Retry-After sent with 503 when the queue is full."""
 
@@ -100,6 +102,7 @@ class EncodeResponse(BaseModel):
 class ScoreResponse(BaseModel):
     scores: list[float] = Field(..., description="negative ELBO (or IWAE bound) per image, nats; higher = more anomalous")
     method: str
+    complexity: str = Field("none", description="png: the PNG code length was subtracted (input-complexity score)")
     num_samples: int
     seed: int
     threshold: float | None = None
@@ -487,7 +490,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
     @app.post("/v1/score", tags=["model"], response_model=ScoreResponse, dependencies=[Depends(require_token)],
               openapi_extra=IMAGE_BODY, summary="anomaly score per image (negative ELBO or IWAE bound, nats)")
     async def score(request: Request, num_samples: int = Query(1, ge=1), method: Literal["elbo", "iwae"] = "elbo",
-                    seed: int = Query(0, ge=0, lt=2**63)):
+                    complexity: Literal["none", "png"] = "none", seed: int = Query(0, ge=0, lt=2**63)):
         if num_samples > options.max_score_samples:
             raise BadInput(f"num_samples={num_samples} > {options.max_score_samples}", 422)
         x = await read_images(request)
@@ -498,8 +501,11 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         z = latents_for_score(mean, logvar, eps).reshape(-1, runtime.latent_dim)
         params, _ = await service.decode(z)
         scores = score_from_parts(x, mean, logvar, eps, params, method, runtime.likelihood, runtime.likelihood_params)
-        result = {"scores": [float(s) for s in scores], "method": method, "num_samples": num_samples, "seed": seed}
-        if options.threshold is not None:
+        if complexity == "png":
+            scores = scores - complexity_nats(x)
+        result = {"scores": [float(s) for s in scores], "method": method, "complexity": complexity,
+                  "num_samples": num_samples, "seed": seed}
+        if options.threshold is not None and (method, complexity) == tuple(options.threshold_score):
             result.update(threshold=options.threshold, is_anomaly=[bool(s > options.threshold) for s in scores])
         return JSONResponse(result)
 

@@ -255,15 +255,19 @@ class VAERuntime:
         z = traverse_latents(self.encode(x)[0][0], dims, value_range, steps, self.latent_dim)
         return self.decode(z.reshape(-1, self.latent_dim)).reshape(z.shape[0], steps, *self.image_shape)
 
-    def score(self, x: np.ndarray, num_samples: int = 1, method: str = "elbo", seed: int = 0) -> np.ndarray:
+    def score(self, x: np.ndarray, num_samples: int = 1, method: str = "elbo", seed: int = 0,
+              complexity: str = "none") -> np.ndarray:
         """Anomaly score per image (B,) in nats: the negative ELBO averaged over `num_samples` draws of
-        z ~ q(z|x) ("elbo"), or the importance-weighted bound -log mean_k p(x,z_k)/q(z_k|x) ("iwae")."""
+        z ~ q(z|x) ("elbo"), or the importance-weighted bound -log mean_k p(x,z_k)/q(z_k|x) ("iwae");
+        complexity="png" subtracts each image's PNG code length (see `complexity_nats`)."""
         x = self.check_images(x)
+        check_complexity(complexity)
         mean, logvar = self.encode_raw(x)
         eps = score_noise(len(x), num_samples, self.latent_dim, seed)
         z = latents_for_score(mean, logvar, eps)
         params = self.decoder.run(z.reshape(-1, self.latent_dim), ["params"], self.batch_size)[0]
-        return score_from_parts(x, mean, logvar, eps, params, method, self.likelihood, self.likelihood_params)
+        scores = score_from_parts(x, mean, logvar, eps, params, method, self.likelihood, self.likelihood_params)
+        return scores - complexity_nats(x) if complexity == "png" else scores
 
     def tune_batch_size(self, candidates: tuple[int, ...] = (64, 256, 1024, 4096), seconds: float = 0.5) -> int:
         """Time the decoder at each candidate batch size and keep the fastest per image."""
@@ -316,6 +320,29 @@ def traverse_latents(z: np.ndarray, dims: list[int] | None, value_range: tuple[f
     for row, d in enumerate(dims):
         grid[row, :, d] = np.linspace(low, high, steps)
     return grid
+
+
+COMPLEXITY_CORRECTIONS = ("none", "png")
+
+
+def check_complexity(complexity: str) -> None:
+    if complexity not in COMPLEXITY_CORRECTIONS:
+        raise ValueError(f"complexity must be one of {COMPLEXITY_CORRECTIONS}, got {complexity!r}")
+
+
+def complexity_nats(x: np.ndarray) -> np.ndarray:
+    """Each image's lossless PNG code length (level 9) in nats, (B,) from (B, C, H, W) floats in [0, 1].
+
+    Likelihood models give simple inputs (little ink, flat regions) high likelihood whatever their
+    class, so a negative ELBO partly measures input complexity. Subtracting a generic compressor's code
+    length leaves what the model finds unusual beyond that: the input-complexity score of Serra et al.,
+    "Input complexity and out-of-distribution detection with likelihood-based generative models"
+    (ICLR 2020), with PNG as the compressor.
+    """
+    from pipeline.images import encode_png, nchw_to_nhwc, to_uint8
+
+    pixels = to_uint8(nchw_to_nhwc(x))
+    return np.array([len(encode_png(image, compress_level=9)) * 8 * math.log(2) for image in pixels])
 
 
 def score_noise(num_images: int, num_samples: int, latent_dim: int, seed: int) -> np.ndarray:

@@ -134,6 +134,9 @@ def test_encode_reconstruct_score_take_json_and_png(server, runtime, digits):
     scores = post(server, "/v1/score?num_samples=8&method=iwae&seed=5", json={"images": x.tolist()}).json()
     np.testing.assert_allclose(scores["scores"], runtime.score(x, 8, "iwae", 5), rtol=1e-4)
     assert scores["method"] == "iwae" and "is_anomaly" not in scores
+    corrected = post(server, "/v1/score?num_samples=8&seed=5&complexity=png", json={"images": x.tolist()}).json()
+    np.testing.assert_allclose(corrected["scores"], runtime.score(x, 8, "elbo", 5, complexity="png"), rtol=1e-4)
+    assert corrected["complexity"] == "png"
 
 
 def test_interpolation_decodes_real_digits_to_valid_images(server, runtime, digits):

@@ -229,3 +229,14 @@ def test_roc_auc_and_pca_match_sklearn():
     normal = rng.normal(size=10_000)
     assert np.mean(normal > threshold_for_fpr(normal, 0.05)) <= 0.05
     assert np.mean(normal > threshold_for_fpr(normal, 0.05)) > 0.045
+
+
+def test_complexity_correction_subtracts_the_png_code_length(runtime, real_x):
+    from serve.runtime import complexity_nats
+
+    plain, corrected = runtime.score(real_x, 2, seed=3), runtime.score(real_x, 2, seed=3, complexity="png")
+    np.testing.assert_allclose(plain - corrected, complexity_nats(real_x))
+    blank, noise = np.zeros((1, 1, 28, 28), np.float32), np.random.default_rng(0).random((1, 1, 28, 28), np.float32)
+    assert complexity_nats(blank)[0] < 0.2 * complexity_nats(noise)[0]  # a flat image compresses far better
+    with pytest.raises(ValueError, match="complexity must be one of"):
+        runtime.score(real_x, complexity="zip")
