@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {
@@ -133,11 +134,18 @@ def main() -> None:
         process, url = start_server(args.model, extra, args.providers)
         try:
             provider = httpx.get(f"{url}/readyz").json()["provider"]
+            server = psutil.Process(process.pid)
             for clients in (int(c) for c in args.clients.split(",")):
+                cpu_before = sum(server.cpu_times()[:2])
                 row = asyncio.run(run_clients(url, clients, args.seconds, args.max_requests))
+                # CPU the server spent per answered request (warm-up included): steadier than rates
+                row["server_cpu_ms_per_request"] = (sum(server.cpu_times()[:2]) - cpu_before) * 1000 / max(
+                    row["requests"] + clients, 1)
                 rows.append({"mode": mode, "provider": provider, **row})
                 print(f"{mode:<8} {clients:>4} clients: {row['samples_per_s']:8,.0f} samples/s  "
-                      f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}", flush=True)
+                      f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                      f"server CPU {row['server_cpu_ms_per_request']:.2f} ms/request  errors {row['errors']}",
+                      flush=True)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)

