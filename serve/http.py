@@ -9,6 +9,7 @@ Answers are JSON, or a PNG image/grid with `?format=png`. /healthz, /readyz, /me
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -165,6 +166,9 @@ class Service:
             z = np.zeros((rows, self.runtime.latent_dim), np.float32)
             await loop.run_in_executor(self.executor, self.runtime.encoder.run, x, ["mean", "logvar"], rows)
             await loop.run_in_executor(self.executor, self.runtime.decoder.run, z, ["params", "image"], rows)
+        # Everything loaded so far lives as long as the process: moving it out of the collector's reach
+        # keeps full collections short. Their pauses were the p99 tail under load (BENCHMARKS.md, Serving).
+        gc.freeze()
         self.ready = True
 
     async def stop(self) -> None:
