@@ -23,10 +23,9 @@ from typing import Literal
 
 import numpy as np
 import orjson
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
@@ -219,6 +218,50 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+PROTECTED_PREFIXES = ("/v1/", "/metrics")
+
+
+class RequireToken:
+    """The bearer token on /v1/* and /metrics, checked before routing.
+
+    Plain ASGI rather than a FastAPI dependency: resolving a dependency on every request cost the
+    batched service 19% of its throughput (BENCHMARKS.md, Serving).
+    """
+
+    def __init__(self, app, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(
+                    {"detail": "missing or wrong bearer token (Authorization: Bearer $VAE_SERVE_TOKEN)"},
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _document_bearer_auth(app: FastAPI) -> None:
+    """Show the token requirement in /openapi.json and /docs (the middleware enforces it)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer", "description": "$VAE_SERVE_TOKEN"}
+            for path, operations in schema["paths"].items():
+                if path.startswith(PROTECTED_PREFIXES):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 class Observe:
     """Count requests by endpoint and status and time them (pure ASGI: no per-request task or copy)."""
 
@@ -307,20 +350,13 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
                               f"{runtime.latent_dim}, images {channels}x{height}x{width}) with dynamic batching.",
                   lifespan=lifespan)
     app.state.service = service
-    bearer = HTTPBearer(auto_error=False)
-
-    async def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        # async: a plain `def` dependency runs in a worker thread, a thread hop on every request
-        if not options.token:
-            return
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), options.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer $VAE_SERVE_TOKEN)",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    # -------------------------------------------------------- middleware: body limit, metrics, errors
+    # -------------------------------------------------------- middleware: body limit, token, metrics
 
     app.add_middleware(BodyLimit, max_body_bytes=options.max_body_bytes)
-    app.add_middleware(Observe, service=service)  # added last, so outermost: 413s are counted too
+    if options.token:
+        app.add_middleware(RequireToken, token=options.token)
+        _document_bearer_auth(app)
+    app.add_middleware(Observe, service=service)  # added last, so outermost: 401s and 413s are counted too
 
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, error: BadInput):
@@ -423,7 +459,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         return {"status": "ready", "provider": runtime.provider, "latent_dim": runtime.latent_dim,
                 "image_shape": list(runtime.image_shape), "likelihood": runtime.likelihood}
 
-    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics", dependencies=[Depends(require_token)])
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics")
     async def metrics():
         for name, batcher in (("encoder", service.encoder), ("decoder", service.decoder)):
             service.queue_depth.labels(name).set(batcher.depth if batcher else 0)
@@ -431,7 +467,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
 
     # -------------------------------------------------------- the model
 
-    @app.post("/v1/sample", tags=["model"], response_model=ImagesResponse, dependencies=[Depends(require_token)],
+    @app.post("/v1/sample", tags=["model"], response_model=ImagesResponse,
               responses={200: {"content": {"image/png": {}}}}, summary="new images from z ~ N(0, T^2 I)")
     async def sample(body: SampleRequest, format: Output = "json"):
         if body.n > max_items:
@@ -441,7 +477,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         _, images = await service.decode(z)
         return _format_response(images, format, {"seed": seed})
 
-    @app.post("/v1/decode", tags=["model"], response_model=ImagesResponse, dependencies=[Depends(require_token)],
+    @app.post("/v1/decode", tags=["model"], response_model=ImagesResponse,
               responses={200: {"content": {"image/png": {}}}}, summary="latents to images")
     async def decode(body: DecodeRequest, format: Output = "json"):
         if len(body.z) > max_items:
@@ -454,7 +490,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         _, images = await service.decode(z)
         return _format_response(images, format, {})
 
-    @app.post("/v1/encode", tags=["model"], response_model=EncodeResponse, dependencies=[Depends(require_token)],
+    @app.post("/v1/encode", tags=["model"], response_model=EncodeResponse,
               openapi_extra=IMAGE_BODY, summary="images to q(z|x): mean and log-variance (and a sampled z)")
     async def encode(request: Request, sample: bool = False, seed: int | None = Query(None, ge=0, lt=2**63)):
         x = await read_images(request)
@@ -466,7 +502,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
             result.update(z=_float32(mean + np.exp(0.5 * logvar) * eps), seed=seed)
         return _json(result)
 
-    @app.post("/v1/reconstruct", tags=["model"], response_model=ImagesResponse, dependencies=[Depends(require_token)],
+    @app.post("/v1/reconstruct", tags=["model"], response_model=ImagesResponse,
               openapi_extra=IMAGE_BODY, responses={200: {"content": {"image/png": {}}}},
               summary="decode the posterior mean of each image")
     async def reconstruct(request: Request, format: Output = "json"):
@@ -476,7 +512,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         return _format_response(images, format, {})
 
     @app.post("/v1/interpolate", tags=["model"], response_model=ImagesResponse,
-              dependencies=[Depends(require_token)], openapi_extra=IMAGE_BODY,
+              openapi_extra=IMAGE_BODY,
               responses={200: {"content": {"image/png": {}}}},
               summary="decoded path between two images' latents (send exactly two images)")
     async def interpolate(request: Request, steps: int = Query(8, ge=2), mode: Literal["linear", "slerp"] = "linear",
@@ -491,7 +527,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         _, images = await service.decode(z)
         return _format_response(images, format, {}, num_cols=steps)
 
-    @app.post("/v1/score", tags=["model"], response_model=ScoreResponse, dependencies=[Depends(require_token)],
+    @app.post("/v1/score", tags=["model"], response_model=ScoreResponse,
               openapi_extra=IMAGE_BODY, summary="anomaly score per image (negative ELBO or IWAE bound, nats)")
     async def score(request: Request, num_samples: int = Query(1, ge=1), method: Literal["elbo", "iwae"] = "elbo",
                     complexity: Literal["none", "png"] = "none", seed: int = Query(0, ge=0, lt=2**63)):

@@ -309,7 +309,16 @@ def test_token_queue_full_and_graceful_shutdown(exported_model):
         assert post(busy, "/v1/sample", json={"n": 1}, headers={"Authorization": "Bearer nope"}).status_code == 401
         assert httpx.get(f"{busy.url}/metrics").status_code == 401
         assert httpx.get(f"{busy.url}/healthz").status_code == 200  # probes stay open
+        assert httpx.get(f"{busy.url}/openapi.json").status_code == 200
         assert post(busy, "/v1/sample", json={"n": 1}, headers=auth).status_code == 200
+        assert httpx.get(f"{busy.url}/metrics", headers=auth).status_code == 200
+        unauthorized = post(busy, "/v1/score", json={"images": []})
+        assert unauthorized.status_code == 401 and unauthorized.headers["WWW-Authenticate"] == "Bearer"
+        assert "VAE_SERVE_TOKEN" in unauthorized.json()["detail"]  # refused before the body is even read
+        schema = httpx.get(f"{busy.url}/openapi.json").json()  # the docs say which endpoints need the token
+        assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert schema["paths"]["/v1/sample"]["post"]["security"] == [{"bearer": []}]
+        assert "security" not in schema["paths"]["/healthz"]["get"]
 
         # 40 clients at once against a queue of 2: some are turned away with 503 + Retry-After
         with ThreadPoolExecutor(40) as pool:
