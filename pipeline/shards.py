@@ -38,6 +38,12 @@ DEFAULT_SAMPLES_PER_BLOCK = 64
 AUTO_BLOCK_MAX_IMAGE_BYTES = 16 * 1024
 
 
+def check_layout(layout: str) -> None:
+    """A layout name `write_shards` (and `serve generate --format wds`) accepts, or a ValueError."""
+    if layout not in LAYOUTS + ("auto",):
+        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+
+
 def resolve_layout(layout: str, image_shape: tuple[int, int, int]) -> str:
     """"auto" -> "block" for small images, "png" for large ones; other layouts unchanged."""
     if layout != "auto":
@@ -162,8 +168,7 @@ def write_shards(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir} is not empty; pass --force to overwrite it")
-    if layout not in LAYOUTS + ("auto",):
-        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    check_layout(layout)
     if shard_size_mb is not None and shard_size_mb <= 0:
         raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
     if shard_size_mb is None and (samples_per_shard is None or samples_per_shard < 1):

@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.images import encode_png, nchw_to_nhwc, save_grid, to_uint8
-from pipeline.manifest import LAYOUTS, Manifest, ShardInfo, sha256_of, write_manifest
-from pipeline.shards import DEFAULT_SAMPLES_PER_BLOCK, resolve_layout, write_tar
+from pipeline.manifest import Manifest, ShardInfo, sha256_of, write_manifest
+from pipeline.shards import DEFAULT_SAMPLES_PER_BLOCK, check_layout, resolve_layout, write_tar
 from serve.runtime import VAERuntime
 
 FORMATS = ("npy", "png", "wds")
@@ -131,8 +131,7 @@ def generate(runtime: VAERuntime, num: int, out: str | Path, *, fmt: str = "npy"
     shape = (height, width, channels)
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    if layout not in LAYOUTS + ("auto",):
-        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    check_layout(layout)
     # npy/png write each decoded batch; wds writes whole shards, so batches are gathered to shard size
     unit = samples_per_shard if fmt == "wds" else batch_size
     if fmt == "wds":
