@@ -265,12 +265,10 @@ def run_encode(runtime, args) -> None:
         print(f"wrote a 2-D plot to {args.plot}")
 
 
-def check_same_score(calibration: dict, method: str, complexity: str, path) -> None:
-    """A threshold only means something for the score it was calibrated on."""
-    calibrated = (calibration.get("method", "elbo"), calibration.get("complexity", "none"))
-    if calibrated != (method, complexity):
-        raise ValueError(f"{path} was calibrated with --method {calibrated[0]} --complexity {calibrated[1]}; "
-                         f"scoring with --method {method} --complexity {complexity} would compare unlike scores")
+def read_threshold(path) -> tuple[float, tuple[str, str]]:
+    """(threshold, (method, complexity) it was calibrated on) from a `score --calibrate` file."""
+    calibration = json.loads(Path(path).read_text())
+    return float(calibration["threshold"]), (calibration.get("method", "elbo"), calibration.get("complexity", "none"))
 
 
 def run_score(runtime, args) -> None:
@@ -297,9 +295,11 @@ def run_score(runtime, args) -> None:
                                               "complexity": args.complexity, "num_images": len(x), "model": str(runtime.model_dir)}, indent=2) + "\n")
         print(f"threshold {threshold:.3f} nats for a false-positive rate of {args.target_fpr} -> {threshold_file}")
     elif args.threshold_file and threshold_file.is_file():
-        calibration = json.loads(threshold_file.read_text())
-        check_same_score(calibration, args.method, args.complexity, threshold_file)
-        threshold = float(calibration["threshold"])
+        threshold, calibrated = read_threshold(threshold_file)
+        if calibrated != (args.method, args.complexity):  # a threshold only means something for its own score
+            raise ValueError(f"{threshold_file} was calibrated with --method {calibrated[0]} --complexity "
+                             f"{calibrated[1]}; scoring with --method {args.method} --complexity {args.complexity} "
+                             "would compare unlike scores")
     if args.labels is not None:
         if labels is None:
             raise ValueError(f"--labels needs labelled input; {args.input} has none")
@@ -356,11 +356,7 @@ def run_http(runtime, args) -> None:
     from serve.batching import BatchingOptions
     from serve.http import TOKEN_ENV, ServiceOptions, serve
 
-    threshold, threshold_score = None, ("elbo", "none")
-    if args.threshold_file:
-        calibration = json.loads(Path(args.threshold_file).read_text())
-        threshold = float(calibration["threshold"])
-        threshold_score = (calibration.get("method", "elbo"), calibration.get("complexity", "none"))
+    threshold, threshold_score = read_threshold(args.threshold_file) if args.threshold_file else (None, ("elbo", "none"))
     options = ServiceOptions(
         batching=BatchingOptions(args.max_batch_size, args.max_queue_delay_ms, args.max_queue),
         max_items=args.max_items, max_body_bytes=args.max_body_bytes, token=os.environ.get(TOKEN_ENV, ""),

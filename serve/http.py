@@ -541,8 +541,8 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         z = latents_for_score(mean, logvar, eps).reshape(-1, runtime.latent_dim)
         params, _ = await service.decode(z)
         scores = score_from_parts(x, mean, logvar, eps, params, method, runtime.likelihood, runtime.likelihood_params)
-        if complexity == "png":
-            scores = scores - complexity_nats(x)
+        if complexity == "png":  # PNG encoding (Pillow releases the GIL) off the event loop and the device thread
+            scores = scores - await asyncio.to_thread(complexity_nats, x)
         result = {"scores": [float(s) for s in scores], "method": method, "complexity": complexity,
                   "num_samples": num_samples, "seed": seed}
         if options.threshold is not None and (method, complexity) == tuple(options.threshold_score):
