@@ -3,9 +3,16 @@
     flock /tmp/vae-bench.lock .venv/bin/python bench/serve_load.py --model out/model [--seconds 10]
 
 For each mode the script starts `python -m serve http` on 127.0.0.1 (a free port), warms it up,
-then runs C client coroutines that each send `POST /v1/sample {"n": 1}` back to back for a fixed
-time (bounded: --seconds, and at most --max-requests per client). Reports samples/s and client-side
-p50/p99 latency, prints a table and writes bench/results/serve_load.json. Only 127.0.0.1 is used.
+then runs C closed-loop clients that each send `POST /v1/sample {"n": 1, "seed": k}` back to back
+for a fixed time (--seconds). The clients are wrk (`apt-get install wrk`; bench/wrk_sample.lua) when
+it is installed, else aiohttp coroutines (at most --max-requests each): on a small machine the load
+generator shares the server's cores, and wrk spends a fraction of aiohttp's CPU per request. Reports
+samples/s, client-side p50/p99 latency and server and client CPU per request.
+
+Two in-process figures bound what batching can give on this device, HTTP aside: the decoder alone
+at batch 1 vs batch 64, and the service's own DynamicBatcher driven by C coroutines with no HTTP at
+all (dynamic vs batch 1). Prints a table and writes bench/results/serve_load.json. Only 127.0.0.1
+is used.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ import asyncio
 import json
 import os
 import platform
+import re
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,6 +108,66 @@ async def run_clients(url: str, clients: int, seconds: float, max_requests: int)
             "p99_ms": float(np.percentile(ms, 99))}
 
 
+def run_wrk(url: str, clients: int, seconds: float) -> dict:
+    """wrk's closed-loop clients (one thread) for `seconds`; its own CPU per request from rusage."""
+    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "60s", "-s",
+               str(REPO / "bench" / "wrk_sample.lua"), url]
+    subprocess.run([*command[:3], "-d1s", *command[4:]], check=True, capture_output=True)  # warm-up
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    match = re.search(r"^WRK_JSON (.*)$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no summary:\n{output}")
+    summary = json.loads(match.group(1))
+    requests = summary["requests"]
+    errors = sum(value for key, value in summary.items() if key.startswith("errors_"))
+    client_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"clients": clients, "requests": requests, "errors": errors, "seconds": summary["duration_us"] / 1e6,
+            "samples_per_s": requests / (summary["duration_us"] / 1e6), "p50_ms": summary["p50_us"] / 1000,
+            "p99_ms": summary["p99_us"] / 1000, "client_cpu_ms_per_request": client_cpu_s * 1000 / max(requests, 1)}
+
+
+def batcher_ceiling(model: str, providers: str, clients: int, seconds: float = 4.0) -> dict:
+    """The service's DynamicBatcher with `clients` coroutines and no HTTP: requests/s, dynamic vs batch 1.
+
+    Each request is what /v1/sample n=1 does besides HTTP: seeded noise, submit, await. With HTTP
+    costing nothing, this is the most the service could gain by batching on this device.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.batching import BatchingOptions, DynamicBatcher
+    from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
+
+    runtime = VAERuntime(model, options=RuntimeOptions(providers=parse_providers(providers), spinning=False))
+
+    async def drive(options: BatchingOptions) -> dict:
+        executor = ThreadPoolExecutor(1)
+        batcher = DynamicBatcher("decoder", lambda z: runtime.decoder.run(z, ["params", "image"], 512), options,
+                                 executor)
+        batcher.start()
+        count, stop_at = 0, time.perf_counter() + seconds
+
+        async def client(index: int) -> None:
+            nonlocal count
+            while time.perf_counter() < stop_at:
+                await batcher.submit(runtime.sample_latents(1, index * 10**6 + count))
+                count += 1
+
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        await batcher.stop()
+        executor.shutdown()
+        return {"requests_per_s": count / elapsed, "cpu_ms_per_request": cpu * 1000 / max(count, 1)}
+
+    dynamic_options, single_options = (BatchingOptions(int(MODES[m][1]), float(MODES[m][3]), 1 << 20)
+                                       for m in ("dynamic", "batch1"))
+    dynamic, single = asyncio.run(drive(dynamic_options)), asyncio.run(drive(single_options))
+    return {"clients": clients, "dynamic": dynamic, "batch1": single,
+            "ratio": dynamic["requests_per_s"] / single["requests_per_s"]}
+
+
 def device_ceiling(model: str, providers: str, seconds: float = 2.0) -> dict:
     """In-process decoder rows/s at batch 1 vs batch 64: the most batching can give on this device."""
     from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
@@ -121,7 +191,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="exported model directory")
     parser.add_argument("--clients", default="32,128", help="concurrency levels")
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per (mode, clients)")
-    parser.add_argument("--max-requests", type=int, default=2000, help="cap on requests per client")
+    parser.add_argument("--max-requests", type=int, default=2000, help="cap on requests per aiohttp client")
+    parser.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto",
+                        help="load generator (auto: wrk when installed, else aiohttp)")
     parser.add_argument("--providers", default="tensorrt,cuda,cpu", help="execution providers for the server")
     parser.add_argument("--out", default="bench/results/serve_load.json", help="JSON results")
     args = parser.parse_args()
@@ -129,6 +201,12 @@ def main() -> None:
     ceiling = device_ceiling(args.model, args.providers)
     print(f"device only ({ceiling['provider']}): decoder {ceiling['rows_per_s_batch1']:,.0f} rows/s at batch 1, "
           f"{ceiling['rows_per_s_batch64']:,.0f} at batch 64 ({ceiling['ratio']:.1f}x)", flush=True)
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
+    if client == "wrk" and not shutil.which("wrk"):
+        parser.error("--client wrk: wrk is not installed (apt-get install wrk)")
+    batcher = batcher_ceiling(args.model, args.providers, int(args.clients.split(",")[0]))
+    print(f"batcher only, {batcher['clients']} coroutines, no HTTP: dynamic {batcher['dynamic']['requests_per_s']:,.0f} "
+          f"requests/s, batch 1 {batcher['batch1']['requests_per_s']:,.0f} ({batcher['ratio']:.2f}x)", flush=True)
     rows = []
     for mode, extra in MODES.items():
         process, url = start_server(args.model, extra, args.providers)
@@ -137,20 +215,25 @@ def main() -> None:
             server = psutil.Process(process.pid)
             for clients in (int(c) for c in args.clients.split(",")):
                 cpu_before = sum(server.cpu_times()[:2])
-                row = asyncio.run(run_clients(url, clients, args.seconds, args.max_requests))
+                if client == "wrk":
+                    row = run_wrk(url, clients, args.seconds)
+                else:
+                    own_cpu = time.process_time()
+                    row = asyncio.run(run_clients(url, clients, args.seconds, args.max_requests))
+                    row["client_cpu_ms_per_request"] = (time.process_time() - own_cpu) * 1000 / max(row["requests"], 1)
                 # CPU the server spent per answered request (warm-up included): steadier than rates
                 row["server_cpu_ms_per_request"] = (sum(server.cpu_times()[:2]) - cpu_before) * 1000 / max(
                     row["requests"] + clients, 1)
-                rows.append({"mode": mode, "provider": provider, **row})
+                rows.append({"mode": mode, "provider": provider, "client": client, **row})
                 print(f"{mode:<8} {clients:>4} clients: {row['samples_per_s']:8,.0f} samples/s  "
                       f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
-                      f"server CPU {row['server_cpu_ms_per_request']:.2f} ms/request  errors {row['errors']}",
-                      flush=True)
+                      f"CPU/request server {row['server_cpu_ms_per_request']:.2f} ms, "
+                      f"{client} {row['client_cpu_ms_per_request']:.2f} ms  errors {row['errors']}", flush=True)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
 
-    print(f"\nload {os.getloadavg()[0]:.2f}; {args.seconds:.0f} s per cell; POST /v1/sample n=1")
+    print(f"\nload {os.getloadavg()[0]:.2f}; {args.seconds:.0f} s per cell; POST /v1/sample n=1; clients: {client}")
     print(f"{'clients':>8}{'dynamic/s':>12}{'batch1/s':>11}{'ratio':>7}{'p99 dyn':>10}{'p99 b1':>9}")
     by = {(r["mode"], r["clients"]): r for r in rows}
     ratios = {}
@@ -162,7 +245,7 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_1min": os.getloadavg()[0], "seconds": args.seconds, "modes": MODES, "rows": rows,
-              "throughput_ratio": ratios, "device_ceiling": ceiling}
+              "client": client, "throughput_ratio": ratios, "device_ceiling": ceiling, "batcher_ceiling": batcher}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
