@@ -188,6 +188,14 @@ class Service:
         return params, image
 
 
+def _header(scope, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower case), without building a dict per request."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
 class BodyLimit:
     """Refuse bodies over `max_body_bytes`: by Content-Length at once, or while a chunked body streams in.
 
@@ -202,7 +210,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             response = JSONResponse({"detail": f"request body of {length.decode(errors='replace')} bytes exceeds "
                                                f"the limit of {self.max_body_bytes} bytes"}, status_code=413)
@@ -237,7 +245,7 @@ class RequireToken:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
-            given = dict(scope["headers"]).get(b"authorization", b"")
+            given = _header(scope, b"authorization") or b""
             if not hmac.compare_digest(given, self.expected):
                 response = JSONResponse(
                     {"detail": "missing or wrong bearer token (Authorization: Bearer $VAE_SERVE_TOKEN)"},
