@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
-from starlette.responses import Response
 
 
 @dataclass(frozen=True)

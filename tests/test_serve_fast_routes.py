@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.responses import JSONResponse
 
 from serve.fast_routes import FastJsonRoutes, FastRoute
 
