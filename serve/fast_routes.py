@@ -43,6 +43,7 @@ class FastJsonRoutes:
                  and not scope["query_string"] and _is_json(scope["headers"]) else None)
         if route is None:
             return await self.app(scope, receive, send)
+        scope["route"] = route.route
         try:
             body = await _read_body(receive)
             if body is None:  # the client went away before sending its body
@@ -50,13 +51,14 @@ class FastJsonRoutes:
             try:
                 request = route.model.model_validate_json(body)
             except ValidationError:
-                return await self.app(scope, _replay(body, receive), send)
-            scope["route"] = route.route
-            response = await route.handle(request)
+                request = None
+            response = None if request is None else await route.handle(request)
         except Exception as error:
             response = self.answer_error(error)
             if response is None:
                 raise
+        if response is None:  # the body did not validate: FastAPI answers it, its 422 included
+            return await self.app(scope, _replay(body, receive), send)
         await response(scope, receive, send)
 
 
