@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -199,8 +199,9 @@ def _header(scope, name: bytes) -> bytes | None:
 class BodyLimit:
     """Refuse bodies over `max_body_bytes`: by Content-Length at once, or while a chunked body streams in.
 
-    A streamed excess raises BadInput(413) from `receive`, inside the route, where the BadInput handler
-    turns it into a JSON 413 before any response has started.
+    A streamed excess raises HTTPException(413) from `receive`, inside the route, which answers it as a
+    JSON 413 before any response has started. An HTTPException, not our BadInput: FastAPI turns any
+    other error raised while it parses a body model into a 400 "error parsing the body".
     """
 
     def __init__(self, app, max_body_bytes: int) -> None:
@@ -223,7 +224,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise BadInput(f"request body exceeds the limit of {self.max_body_bytes} bytes", 413)
+                    raise HTTPException(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
             return message
 
         await self.app(scope, limited_receive, send)
@@ -367,6 +368,8 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         """The answer to an error a handler raised on purpose (None: not one of ours, a 500)."""
         if isinstance(error, BadInput):
             return JSONResponse({"detail": str(error)}, status_code=error.status)
+        if isinstance(error, HTTPException):  # a streamed body past the limit (BodyLimit)
+            return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
         if isinstance(error, QueueFull):
             return JSONResponse({"detail": f"server busy: {error}; retry later"}, status_code=503,
                                 headers={"Retry-After": str(options.retry_after_s)})

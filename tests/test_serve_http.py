@@ -141,6 +141,25 @@ def test_json_bodies_answer_the_same_on_the_short_way_and_through_fastapi(server
     assert (short.status_code, short.content) == (through_fastapi.status_code, through_fastapi.content)
 
 
+def test_a_streamed_body_past_the_limit_gets_413_on_the_short_way_too(server):
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        yield b'{"n": 1, "pad": "'
+        for _ in range(MAX_BODY // 10_000 + 1):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    def refused() -> float:  # 413s counted under the endpoint so far
+        line = 'vae_requests_total{endpoint="/v1/sample",status="413"} '
+        return sum(float(row[len(line):]) for row in httpx.get(f"{server.url}/metrics").text.splitlines()
+                   if row.startswith(line))
+
+    before = refused()
+    for path in ("/v1/sample", "/v1/sample?format=json"):
+        response = post(server, path, content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413 and "exceeds the limit" in response.text, (path, response.text)
+    assert refused() == before + 2
+
+
 def test_encode_reconstruct_score_take_json_and_png(server, runtime, digits):
     x = digits[:4]
     by_json = post(server, "/v1/encode", json={"images": x.tolist()}).json()
