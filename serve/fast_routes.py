@@ -40,7 +40,7 @@ class FastJsonRoutes:
 
     async def __call__(self, scope, receive, send) -> None:
         route = (self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST"
-                 and not scope["query_string"] and _is_json(scope["headers"]) else None)
+                 and not scope["query_string"] and _is_json(scope) else None)
         if route is None:
             return await self.app(scope, receive, send)
         scope["route"] = route.route
@@ -62,12 +62,18 @@ class FastJsonRoutes:
         await response(scope, receive, send)
 
 
-def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+def header(scope, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower case), without building a dict per request."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def _is_json(scope) -> bool:
     """No Content-Type, or application/json: what FastAPI reads as a JSON body (rarer kinds take its way)."""
-    for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return True
+    content_type = header(scope, b"content-type")
+    return content_type is None or content_type.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
 async def _read_body(receive) -> bytes | None:

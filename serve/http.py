@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 
 from pipeline.images import decode_image, encode_png, make_grid, nchw_to_nhwc, nhwc_to_nchw, to_uint8, to_unit_float
 from serve.batching import BatchingOptions, DynamicBatcher, QueueFull
-from serve.fast_routes import FastJsonRoutes, FastRoute
+from serve.fast_routes import FastJsonRoutes, FastRoute, header
 from serve.runtime import (LOGVAR_MAX, LOGVAR_MIN, VAERuntime, complexity_nats, interpolate_latents, latents_for_score,
                            score_from_parts, score_noise)
 
@@ -188,14 +188,6 @@ class Service:
         return params, image
 
 
-def _header(scope, name: bytes) -> bytes | None:
-    """The first value of header `name` (lower case), without building a dict per request."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
-
-
 class BodyLimit:
     """Refuse bodies over `max_body_bytes`: by Content-Length at once, or while a chunked body streams in.
 
@@ -211,7 +203,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = _header(scope, b"content-length")
+        length = header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             response = JSONResponse({"detail": f"request body of {length.decode(errors='replace')} bytes exceeds "
                                                f"the limit of {self.max_body_bytes} bytes"}, status_code=413)
@@ -246,7 +238,7 @@ class RequireToken:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
-            given = _header(scope, b"authorization") or b""
+            given = header(scope, b"authorization") or b""
             if not hmac.compare_digest(given, self.expected):
                 response = JSONResponse(
                     {"detail": "missing or wrong bearer token (Authorization: Bearer $VAE_SERVE_TOKEN)"},
