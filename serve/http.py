@@ -400,21 +400,11 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
     async def queue_full(request: Request, error: QueueFull):
         return answer_error(error)
 
-    async def read_body(request: Request) -> bytes:
-        """The body, refused with 413 past max_body_bytes even without a Content-Length."""
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > options.max_body_bytes:
-                raise BadInput(f"request body exceeds the limit of {options.max_body_bytes} bytes", 413)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def read_images(request: Request) -> np.ndarray:
         """(B, C, H, W) float32 in [0, 1] from a JSON, multipart or raw image body."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
-            body = await read_body(request)  # enforce the limit before parsing
+            body = await request.body()  # whole, before parsing: BodyLimit refuses it past the limit as it streams
 
             async def replay() -> dict:
                 return {"type": "http.request", "body": body, "more_body": False}
@@ -428,7 +418,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
                 raise BadInput("multipart body holds no files: upload PNG images as file fields")
             blobs = [await upload.read() for upload in uploads]
             return _images_from_blobs(blobs)
-        body = await read_body(request)
+        body = await request.body()
         if content_type.startswith("image/") or content_type == "application/octet-stream":
             return _images_from_blobs([body])
         if content_type not in ("application/json", ""):
