@@ -41,10 +41,13 @@ import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = {
-    "dynamic": ["--max-batch-size", "64", "--max-queue-delay-ms", "2"],
-    "batch1": ["--max-batch-size", "1", "--max-queue-delay-ms", "0"],
-}
+# (max batch size, max queue delay in ms) of each mode: the server's flags and the in-process batcher alike
+MODES = {"dynamic": (64, 2.0), "batch1": (1, 0.0)}
+
+
+def mode_flags(mode: str) -> list[str]:
+    max_batch_size, max_queue_delay_ms = MODES[mode]
+    return ["--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", f"{max_queue_delay_ms:g}"]
 
 
 def free_port() -> int:
@@ -143,13 +146,14 @@ async def run_clients(url: str, clients: int, seconds: float, max_requests: int,
 
 def run_wrk(url: str, clients: int, seconds: float, load: Load) -> dict:
     """wrk's closed-loop clients (one thread) for `seconds`; its own CPU per request from rusage."""
-    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "60s", "-s",
-               str(REPO / "bench" / "wrk_load.lua"), url]
-    if load.body_file is not None:
-        command += ["--", load.path, str(load.body_file)]
-    subprocess.run([*command[:3], "-d1s", *command[4:]], check=True, capture_output=True)  # warm-up
+    def command(duration_s: float) -> list[str]:
+        fixed_body = [] if load.body_file is None else ["--", load.path, str(load.body_file)]
+        return ["wrk", "-t1", f"-c{clients}", f"-d{duration_s:g}s", "--timeout", "60s", "-s",
+                str(REPO / "bench" / "wrk_load.lua"), url, *fixed_body]
+
+    subprocess.run(command(1), check=True, capture_output=True)  # warm-up
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(command(seconds), check=True, capture_output=True, text=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     match = re.search(r"^WRK_JSON (.*)$", output, re.MULTILINE)
     if match is None:
@@ -196,9 +200,8 @@ def batcher_ceiling(model: str, providers: str, clients: int, seconds: float = 4
         executor.shutdown()
         return {"requests_per_s": count / elapsed, "cpu_ms_per_request": cpu * 1000 / max(count, 1)}
 
-    dynamic_options, single_options = (BatchingOptions(int(MODES[m][1]), float(MODES[m][3]), 1 << 20)
-                                       for m in ("dynamic", "batch1"))
-    dynamic, single = asyncio.run(drive(dynamic_options)), asyncio.run(drive(single_options))
+    dynamic, single = (asyncio.run(drive(BatchingOptions(*MODES[mode], max_queue=1 << 20)))
+                       for mode in ("dynamic", "batch1"))
     return {"clients": clients, "dynamic": dynamic, "batch1": single,
             "ratio": dynamic["requests_per_s"] / single["requests_per_s"]}
 
@@ -252,8 +255,8 @@ def main() -> None:
     else:
         load = encode_load(args.images, Path(tempfile.mkdtemp(prefix="serve-load-")))
     rows = []
-    for mode, extra in MODES.items():
-        process, url = start_server(args.model, extra, args.providers)
+    for mode in MODES:
+        process, url = start_server(args.model, mode_flags(mode), args.providers)
         try:
             provider = httpx.get(f"{url}/readyz").json()["provider"]
             server = psutil.Process(process.pid)
