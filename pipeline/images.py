@@ -23,12 +23,33 @@ def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
     return buffer.getvalue()
 
 
-def decode_image(data: bytes, channels: int | None = None) -> np.ndarray:
-    """Decode PNG/JPEG/... bytes to an HxWxC uint8 array; convert to `channels` if given."""
+DEFAULT_MAX_PIXELS = 4096 * 4096
+"""Largest image (width x height) decoded when the caller gives no tighter bound: 16.8 MP, 50 MB as RGB."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than allowed; refused before any pixel is decoded."""
+
+
+def decode_image(data: bytes, channels: int | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                 ) -> np.ndarray:
+    """Decode PNG/JPEG/... bytes to an HxWxC uint8 array; convert to `channels` if given.
+
+    The declared size is read from the header first: an image of more than `max_pixels` pixels is
+    refused before decoding (a 1 MB PNG can declare 13,000 x 13,000 and take 850 MB to decode).
+    `max_pixels=None` lifts the bound (only for data the operator trusts).
+    """
     try:
         pil = Image.open(io.BytesIO(data))
-        pil.load()
     except Exception as error:  # Pillow raises many types for bad bytes; name it once
+        raise ValueError(f"undecodable image ({len(data)} bytes): {error}") from error
+    width, height = pil.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"image declares {width}x{height} pixels, more than the {max_pixels:,} "
+                                 f"allowed; refused before decoding")
+    try:
+        pil.load()
+    except Exception as error:  # truncated or corrupt pixel data
         raise ValueError(f"undecodable image ({len(data)} bytes): {error}") from error
     if channels is None:
         channels = 1 if pil.mode in ("1", "L", "I", "I;16", "F") else 3

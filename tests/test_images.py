@@ -40,3 +40,26 @@ def test_grid_places_every_image():
     assert grid[0, 0, 0] == 0 and grid[6, 6, 0] == 5 * 20  # row 1, col 1 -> image 5
     assert grid[11, 16, 0] == 0 and grid[11, 6, 0] == 9 * 20  # image 9 at row 2, col 1; col 2 empty
 
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A small real PNG whose IHDR claims width x height (CRC fixed): what a decompression bomb shows a header reader."""
+    import struct
+    import zlib
+
+    png = bytearray(encode_png(np.zeros((8, 8, 1), np.uint8)))
+    ihdr = 8  # signature, then the IHDR chunk: length(4) type(4) data(13) crc(4)
+    png[ihdr + 8 : ihdr + 16] = struct.pack(">II", width, height)
+    png[ihdr + 21 : ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(png[ihdr + 4 : ihdr + 21])))
+    return bytes(png)
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding():
+    from pipeline.images import ImageTooLargeError
+
+    bomb = _png_declaring(13_000, 13_000)
+    with pytest.raises(ImageTooLargeError, match="13000x13000"):
+        decode_image(bomb)
+    with pytest.raises(ImageTooLargeError, match="more than the 64 allowed"):
+        decode_image(encode_png(np.zeros((9, 8, 1), np.uint8)), max_pixels=64)
+    assert decode_image(encode_png(np.zeros((8, 8, 1), np.uint8)), max_pixels=64).shape == (8, 8, 1)
