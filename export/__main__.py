@@ -1,6 +1,6 @@
 """`python -m export`: verified ONNX, TensorRT engines, a Triton repository, the MLflow registry.
 
-    python -m export --checkpoint PATH | --run RUN_ID --out DIR [--precision fp32,fp16] [--opset N]
+    python -m export [onnx] --checkpoint PATH | --run RUN_ID --out DIR [--precision fp32,fp16] [--opset N]
     python -m export tensorrt --model DIR [--precision fp16,fp32] [--batch 1,64,1024]
     python -m export triton   --model DIR --out REPO [--max-batch-size N] [--instances N] [--kind gpu|cpu]
     python -m export register --model DIR --name NAME [--alias ALIAS] [--tracking-uri URI]
@@ -14,7 +14,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-SUBCOMMANDS = ("tensorrt", "triton", "register", "resolve")
+from pipeline.cli import EXIT_FAILURE, MissingExtraError
+
+COMMANDS = ("onnx", "tensorrt", "triton", "register", "resolve")
+
+
+class _DefaultCommandParser(argparse.ArgumentParser):
+    """`python -m export --checkpoint ...` (no command) means `python -m export onnx --checkpoint ...`."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] not in COMMANDS and args[0] not in ("-h", "--help"):
+            args.insert(0, "onnx")
+        return super().parse_known_args(args, namespace)
 
 
 def _precisions(text: str) -> tuple[str, ...]:
@@ -43,37 +55,46 @@ def _batches(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _DefaultCommandParser(
         prog="python -m export",
+        description="Export a trained VAE to verified ONNX (the default command: `python -m export --checkpoint "
+                    "RUN --out DIR` is `python -m export onnx ...`), then build TensorRT engines, write a Triton "
+                    "repository or use the MLflow Model Registry. `python -m export COMMAND --help` for each.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=argparse.ArgumentParser)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    onnx = commands.add_parser(
+        "onnx", formatter_class=fmt, help="checkpoint -> verified ONNX encoder and decoder (the default command)",
         description="Export a trained VAE's encoder (x -> mean, logvar) and decoder (z -> likelihood "
                     "params, image mean) to ONNX with a dynamic batch axis (EMA weights by default), verify "
                     "every file against PyTorch on real validation images and random latents, and write "
-                    "model.json beside them. Nothing is written when verification fails. Subcommands: "
-                    + ", ".join(SUBCOMMANDS) + " (python -m export SUBCOMMAND --help).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
+                    "model.json beside them. Nothing is written when verification fails.")
+    onnx.set_defaults(handler=export_main)
+    source = onnx.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="run dir, checkpoints dir, step dir or state.pt (newest is used)")
     source.add_argument("--run", metavar="RUN_ID", help="MLflow run id: its logged checkpoint is exported")
-    parser.add_argument("--out", required=True, help="output directory for the ONNX files")
-    parser.add_argument("--precision", type=_precisions, default=("fp32",),
-                        help="comma-separated: fp32 (always written: the default files) and/or fp16")
-    parser.add_argument("--shards", default=None,
-                        help="shard directory for verification images (default: the one in the checkpoint's config)")
-    parser.add_argument("--opset", type=int, default=20, help="ONNX opset")
-    parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
-                        help="EMA weights (when the checkpoint has them) or the raw optimizer weights")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="fp32: max absolute difference allowed between onnxruntime and PyTorch")
-    parser.add_argument("--tolerance-fp16", type=float, default=1e-2,
-                        help="fp16: max absolute difference allowed on the image mean")
-    parser.add_argument("--optimize", type=_providers, default=(),
-                        help="also write onnxruntime-optimised fp32 copies for these providers (cpu, cuda); "
-                             "see BENCHMARKS.md for when it helps")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI for --run and --register (default: $MLFLOW_TRACKING_URI)")
-    parser.add_argument("--register", metavar="NAME", default=None,
-                        help="also log the export to its training run and register it as NAME")
-    parser.add_argument("--alias", default=None, help="with --register: point this alias at the new version")
+    onnx.add_argument("--out", required=True, help="output directory for the ONNX files")
+    onnx.add_argument("--precision", type=_precisions, default=("fp32",),
+                      help="comma-separated: fp32 (always written: the default files) and/or fp16")
+    onnx.add_argument("--shards", default=None,
+                      help="shard directory for verification images (default: the one in the checkpoint's config)")
+    onnx.add_argument("--opset", type=int, default=20, help="ONNX opset")
+    onnx.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                      help="EMA weights (when the checkpoint has them) or the raw optimizer weights")
+    onnx.add_argument("--tolerance", type=float, default=1e-4,
+                      help="fp32: max absolute difference allowed between onnxruntime and PyTorch")
+    onnx.add_argument("--tolerance-fp16", type=float, default=1e-2,
+                      help="fp16: max absolute difference allowed on the image mean")
+    onnx.add_argument("--optimize", type=_providers, default=(),
+                      help="also write onnxruntime-optimised fp32 copies for these providers (cpu, cuda); "
+                           "see BENCHMARKS.md for when it helps")
+    onnx.add_argument("--tracking-uri", default=None,
+                      help="MLflow tracking URI for --run and --register (default: $MLFLOW_TRACKING_URI)")
+    onnx.add_argument("--register", metavar="NAME", default=None,
+                      help="also log the export to its training run and register it as NAME")
+    onnx.add_argument("--alias", default=None, help="with --register: point this alias at the new version")
+    _add_subcommands(commands, fmt)
     return parser
 
 
@@ -139,17 +160,54 @@ def export_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def tensorrt_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export tensorrt",
-                                     description="Build serialized TensorRT engines from an exported model "
-                                                 "directory (needs the tensorrt package and an NVIDIA GPU).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="exported model directory (model.json)")
-    parser.add_argument("--precision", type=_precisions, default=("fp16", "fp32"), help="engines to build")
-    parser.add_argument("--batch", type=_batches, default=(1, 64, 1024),
-                        help="optimisation profile MIN,OPT,MAX batch size")
-    parser.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit (MiB)")
-    args = parser.parse_args(argv)
+def _add_subcommands(commands, fmt) -> None:
+    tensorrt = commands.add_parser(
+        "tensorrt", formatter_class=fmt, help="serialized TensorRT engines from an exported model",
+        description="Build serialized TensorRT engines from an exported model directory (needs the tensorrt "
+                    "package and an NVIDIA GPU).")
+    tensorrt.set_defaults(handler=run_tensorrt)
+    tensorrt.add_argument("--model", required=True, help="exported model directory (model.json)")
+    tensorrt.add_argument("--precision", type=_precisions, default=("fp16", "fp32"), help="engines to build")
+    tensorrt.add_argument("--batch", type=_batches, default=(1, 64, 1024),
+                          help="optimisation profile MIN,OPT,MAX batch size")
+    tensorrt.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit (MiB)")
+
+    triton = commands.add_parser(
+        "triton", formatter_class=fmt, help="a Triton Inference Server model repository",
+        description="Write a Triton Inference Server model repository (encoder and decoder) from an exported "
+                    "model directory.")
+    triton.set_defaults(handler=run_triton)
+    triton.add_argument("--model", required=True, help="exported model directory (model.json)")
+    triton.add_argument("--out", required=True, help="model repository to write")
+    triton.add_argument("--prefix", default="vae", help="model names: PREFIX_encoder, PREFIX_decoder")
+    triton.add_argument("--max-batch-size", type=int, default=1024, help="Triton max_batch_size")
+    triton.add_argument("--instances", type=int, default=1, help="model instances per device")
+    triton.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="instance group kind")
+    triton.add_argument("--queue-delay-us", type=int, default=500, help="dynamic batching max queue delay")
+    triton.add_argument("--trt-precision", choices=("FP16", "FP32"), default="FP16",
+                        help="TensorRT accelerator precision (GPU instances only)")
+
+    register = commands.add_parser(
+        "register", formatter_class=fmt, help="log an export to its run and register it in MLflow",
+        description="Log an export to its training run and register it in the MLflow Model Registry (ONNX "
+                    "flavour, signature, input example).")
+    register.set_defaults(handler=run_register)
+    register.add_argument("--model", required=True, help="exported model directory (model.json)")
+    register.add_argument("--name", required=True, help="registered model name")
+    register.add_argument("--alias", default=None, help="point this alias at the new version")
+    register.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+
+    resolve = commands.add_parser(
+        "resolve", help="models:/NAME/VERSION or models:/NAME@ALIAS -> a local model directory",
+        description="Turn models:/NAME/VERSION, models:/NAME@ALIAS or a directory into a local model "
+                    "directory and print it.")
+    resolve.set_defaults(handler=run_resolve)
+    resolve.add_argument("uri")
+    resolve.add_argument("--dst", default=None, help="download into this directory (default: a new temp dir)")
+    resolve.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+
+
+def run_tensorrt(args: argparse.Namespace) -> int:
     from export.tensorrt import build_engines
 
     for engine in build_engines(args.model, precisions=args.precision, batch=args.batch,
@@ -158,21 +216,7 @@ def tensorrt_main(argv: list[str]) -> int:
     return 0
 
 
-def triton_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export triton",
-                                     description="Write a Triton Inference Server model repository "
-                                                 "(encoder and decoder) from an exported model directory.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="exported model directory (model.json)")
-    parser.add_argument("--out", required=True, help="model repository to write")
-    parser.add_argument("--prefix", default="vae", help="model names: PREFIX_encoder, PREFIX_decoder")
-    parser.add_argument("--max-batch-size", type=int, default=1024, help="Triton max_batch_size")
-    parser.add_argument("--instances", type=int, default=1, help="model instances per device")
-    parser.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="instance group kind")
-    parser.add_argument("--queue-delay-us", type=int, default=500, help="dynamic batching max queue delay")
-    parser.add_argument("--trt-precision", choices=("FP16", "FP32"), default="FP16",
-                        help="TensorRT accelerator precision (GPU instances only)")
-    args = parser.parse_args(argv)
+def run_triton(args: argparse.Namespace) -> int:
     from export.triton import write_repository
 
     for path in write_repository(args.model, args.out, prefix=args.prefix, max_batch_size=args.max_batch_size,
@@ -182,16 +226,7 @@ def triton_main(argv: list[str]) -> int:
     return 0
 
 
-def register_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export register",
-                                     description="Log an export to its training run and register it in the "
-                                                 "MLflow Model Registry (ONNX flavour, signature, input example).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="exported model directory (model.json)")
-    parser.add_argument("--name", required=True, help="registered model name")
-    parser.add_argument("--alias", default=None, help="point this alias at the new version")
-    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
-    args = parser.parse_args(argv)
+def run_register(args: argparse.Namespace) -> int:
     from export.registry import register_export
 
     version = register_export(args.model, args.name, alias=args.alias, tracking_uri=args.tracking_uri)
@@ -199,14 +234,7 @@ def register_main(argv: list[str]) -> int:
     return 0
 
 
-def resolve_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export resolve",
-                                     description="Turn models:/NAME/VERSION, models:/NAME@ALIAS or a directory "
-                                                 "into a local model directory and print it.")
-    parser.add_argument("uri")
-    parser.add_argument("--dst", default=None, help="download into this directory (default: a new temp dir)")
-    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
-    args = parser.parse_args(argv)
+def run_resolve(args: argparse.Namespace) -> int:
     from export.registry import resolve_model_dir
 
     print(resolve_model_dir(args.uri, dst=args.dst, tracking_uri=args.tracking_uri))
@@ -214,16 +242,12 @@ def resolve_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"tensorrt": tensorrt_main, "triton": triton_main, "register": register_main,
-                "resolve": resolve_main}
+    args = build_parser().parse_args(argv)
     try:
-        if argv and argv[0] in commands:
-            return commands[argv[0]](argv[1:])
-        return export_main(build_parser().parse_args(argv))
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, RuntimeError, MissingExtraError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

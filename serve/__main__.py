@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cli import EXIT_FAILURE, EXIT_OK, MissingExtraError
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
@@ -235,6 +237,13 @@ def run_reconstruct(runtime, args) -> None:
 
 
 def run_encode(runtime, args) -> None:
+    from pipeline.cli import require
+
+    # optional outputs: found missing before any encoding is done
+    if Path(args.out).suffix == ".parquet":
+        require("pyarrow.parquet", "analysis", "serve encode --out *.parquet")
+    if args.plot:
+        require("matplotlib", "analysis", "serve encode --plot")
     x, labels, keys = read_input(args.input, runtime, args.split, args.num)
     started = time.perf_counter()
     mean, logvar = runtime.encode(x)
@@ -377,10 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runtime = load_runtime(args)
         COMMANDS[args.command](runtime, args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, MissingExtraError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ def pca(features: np.ndarray, num_components: int = 2) -> np.ndarray:
 
 def plot_2d(points: np.ndarray, labels: np.ndarray | None, path: str | Path, title: str = "") -> Path:
     """Scatter (N, 2) points coloured by label (matplotlib, headless)."""
-    import matplotlib
+    from pipeline.cli import require
 
+    matplotlib = require("matplotlib", "analysis", "a 2-D plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -28,7 +28,10 @@ def resolve_model(location: str | Path, *, tracking_uri: str | None = None, cach
         return path
     if not MODEL_URI.match(location):
         raise ValueError(f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {location!r}")
-    import mlflow  # only here: serving from a directory needs no MLflow
+    from pipeline.cli import require
+
+    # only here: serving from a directory needs no MLflow
+    mlflow = require("mlflow", "registry", f"--model {location}")
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:

@@ -79,14 +79,14 @@ def test_npy_images_without_labels(mnist5k, tmp_path):
 
 
 def test_unknown_sources_are_clear_errors(tmp_path, capsys):
-    assert main(["shards", "--source", "torchvision:NoSuchSet", "--out", str(tmp_path / "a")]) == 2
+    assert main(["shards", "--source", "torchvision:NoSuchSet", "--out", str(tmp_path / "a")]) == 1
     error = capsys.readouterr().err
     assert "unknown torchvision dataset 'NoSuchSet'" in error and "FashionMNIST" in error
-    assert main(["shards", "--source", "nowhere", "--out", str(tmp_path / "b")]) == 2
+    assert main(["shards", "--source", "nowhere", "--out", str(tmp_path / "b")]) == 1
     assert "unknown source 'nowhere'" in capsys.readouterr().err
     bad = tmp_path / "bad.npz"
     np.savez(bad, weights=np.zeros(3))
-    assert main(["shards", "--source", str(bad), "--out", str(tmp_path / "c")]) == 2
+    assert main(["shards", "--source", str(bad), "--out", str(tmp_path / "c")]) == 1
     assert "no image array" in capsys.readouterr().err
 
 
@@ -106,7 +106,7 @@ def test_shard_size_mb_and_seed(tmp_path):
 
 def test_refuses_a_non_empty_output_without_force(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("x")
-    assert main(["shards", "--source", "digits", "--out", str(tmp_path), "--quiet"]) == 2
+    assert main(["shards", "--source", "digits", "--out", str(tmp_path), "--quiet"]) == 1
     assert "--force" in capsys.readouterr().err
     assert main(["shards", "--source", "digits", "--out", str(tmp_path), "--quiet", "--force"]) == 0
 
@@ -163,5 +163,5 @@ def test_torchvision_source_reads_a_local_copy(mnist5k, tmp_path, capsys):
     assert manifest.class_names[0].startswith("0")
     # not on disk and no --download: a clear error, no network
     assert main(["shards", "--source", "torchvision:FashionMNIST", "--data-root", str(tmp_path / "root"),
-                 "--out", str(tmp_path / "f")]) == 2
+                 "--out", str(tmp_path / "f")]) == 1
     assert "--download" in capsys.readouterr().err

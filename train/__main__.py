@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from pipeline.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from train.config import ConfigError, help_text, parse_args
 
 USAGE = """usage: torchrun --standalone --nproc_per_node=N -m train [--config FILE.json] [--section.field=value ...]
@@ -23,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(USAGE + "\n" + help_text())
-        return 0
+        return EXIT_OK
     try:
         config = parse_args(argv)
     except (ConfigError, FileNotFoundError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a 2-core machine
     # shared with other processes, spinning threads made a training step 2.6x slower (567 -> 220 ms,
@@ -42,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_training(config, context)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error (rank {context.rank}): {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     finally:
         teardown_distributed(context)
     print(json.dumps(summary), flush=True)
-    return EXIT_PREEMPTED if summary.get("stopped_by") == "sigterm" else 0
+    return EXIT_PREEMPTED if summary.get("stopped_by") == "sigterm" else EXIT_OK
 
 
 if __name__ == "__main__":

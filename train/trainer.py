@@ -26,7 +26,7 @@ from train.model import ConvVAE, build_model
 from train.precision import autocast, make_grad_scaler, resolve_precision
 from train.tracking import make_tracker, readable_run_name, system_metrics
 
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: what Kubernetes and torchrun expect from a terminated process
+from pipeline.cli import EXIT_PREEMPTED  # 128 + SIGTERM, what Kubernetes and torchrun expect
 
 
 @dataclass
