@@ -12,20 +12,21 @@ NPROC ?= 2
 DEMO_SECONDS ?= 150
 PYTEST_ARGS ?=
 
-.PHONY: install demo test k8s-check clean help
+.PHONY: install demo test k8s-check constraints clean help
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' Makefile | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
 $(PYTHON):
 	python3 -m venv .venv
 
-$(dir $(PYTHON)).vae-installed: pyproject.toml | $(PYTHON)
+# Everything (every role's extra and the test tools) at the tested versions in constraints.txt.
+$(dir $(PYTHON)).vae-installed: pyproject.toml constraints.txt | $(PYTHON)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m pip install --quiet --constraint constraints.txt -e '.[dev]'
 	touch $@
 
-install: $(dir $(PYTHON)).vae-installed  ## create .venv (unless one is active) and install the project
+install: $(dir $(PYTHON)).vae-installed  ## create .venv (unless one is active) and install the project with [dev]
 
 demo: install  ## shards -> torchrun DDP training -> ONNX -> sample and reconstruction grids
 	OUT=$(OUT) NPROC=$(NPROC) DEMO_SECONDS=$(DEMO_SECONDS) PYTHON=$(PYTHON) bash scripts/demo.sh
@@ -36,6 +37,9 @@ test: install  ## run the whole test suite (end-to-end tests included)
 
 k8s-check: install  ## validate the Kubernetes manifests and Dockerfiles offline (~40 s)
 	$(PYTHON) -m pytest -q tests/test_k8s.py tests/test_docker.py
+
+constraints: install  ## re-pin constraints.txt to the versions installed in the venv (after changing a dependency)
+	$(PYTHON) scripts/freeze_constraints.py > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:  ## remove demo outputs
 	rm -rf $(OUT)

@@ -1,4 +1,4 @@
-"""Write constraints.txt: the exact versions of everything `.[dev]` installs, read from this venv.
+"""Write constraints.txt: the exact versions of everything `.[dev]` (and `.[cuda]`) installs, read from this venv.
 
     python scripts/freeze_constraints.py > constraints.txt
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 PROJECT = "vae-pipeline"
-ROOT_EXTRAS = ("dev",)
+ROOT_EXTRAS = ("dev", "cuda")  # cuda: the serving image's CUDA wheels (torch brings the same ones)
 
 
 def normalise(name: str) -> str:

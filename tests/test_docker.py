@@ -1,11 +1,13 @@
 """docker/*.Dockerfile, checked without a Docker engine: hadolint, pinned bases and requirements,
 every COPY source in the build context, every module they run in the project, a non-root USER
-that matches the manifests, and a serving image that needs no torch."""
+that matches the manifests, the package installed with its extra at the tested versions
+(constraints.txt), and a serving image that needs no torch."""
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import json
 import re
 import shutil
@@ -184,40 +186,43 @@ def test_build_time_checks_pass_in_the_test_environment(path):
         assert result.returncode == 0, f"{' '.join(words)}: {result.stderr[-2000:]}"
 
 
-def pyproject_runtime_dependencies() -> list[str]:
-    import tomllib
-
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = []
-    for dep in deps:
-        requirement, _, marker = dep.partition(";")
-        if marker and "Linux" in marker and "!=" in marker:  # the non-Linux onnxruntime alternative
-            continue
-        names.append(normalise(re.match(r"[A-Za-z0-9_.-]+", requirement.strip()).group(0)))
-    return names
+def extra_closure(*extras: str) -> dict[str, str]:
+    """{distribution: version} that `pip install '.[EXTRAS]'` brings, read from this venv's metadata
+    (the walk scripts/freeze_constraints.py uses to write constraints.txt)."""
+    spec = importlib.util.spec_from_file_location("freeze_constraints", REPO / "scripts" / "freeze_constraints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.closure(module.project_requirements(set(extras)))
 
 
-def test_training_image_pins_every_runtime_dependency_at_the_tested_version():
-    pins = requirements(DOCKER / "requirements-train.txt")
-    from_base = {"torch", "torchvision"}
-    missing = set(pyproject_runtime_dependencies()) - from_base - set(pins)
-    assert not missing, f"pin these in docker/requirements-train.txt: {sorted(missing)}"
-    assert not from_base & set(pins), "torch comes from the CUDA base image; pinning it here would replace it"
-    for name, version in pins.items():
+def pip_installs(path: Path) -> list[str]:
+    return [rest for keyword, rest in instructions(path) if keyword == "RUN" for rest in re.split(r"\s*&&\s*", rest)
+            if rest.startswith("pip install")]
+
+
+@pytest.mark.parametrize(("role", "extras"), [("serve", ("serve", "cuda")), ("train", ("export",))])
+def test_images_install_the_package_with_their_extra_at_the_tested_versions(role, extras):
+    """No folders copied onto PYTHONPATH: `pip install --constraint constraints.txt '.[EXTRA]'`, and
+    constraints.txt pins everything that brings, at the version the test suite runs with."""
+    path = DOCKER / f"{role}.Dockerfile"
+    assert not any(keyword == "ENV" and "PYTHONPATH" in rest for keyword, rest in instructions(path))
+    target = ".[" + ",".join(extras) + "]"
+    assert pip_installs(path) == [f'pip install --constraint constraints.txt "{target}"']
+    pins = requirements(REPO / "constraints.txt")
+    for name, version in extra_closure(*extras).items():
+        assert pins.get(name) == version, f"constraints.txt: {name} pinned {pins.get(name)}, tested with {version}"
+
+
+def test_constraints_pin_the_installed_versions():
+    for name, version in requirements(REPO / "constraints.txt").items():
         assert importlib.metadata.version(name) == version, f"{name}: pinned {version}, tested with {importlib.metadata.version(name)}"
 
 
-def test_training_image_base_is_a_cuda_pytorch_image():
-    base = build_args(DOCKER / "train.Dockerfile")["BASE_IMAGE"]
-    assert base.startswith("pytorch/pytorch:") and "cuda" in base and "runtime" in base
-
-
-def test_serving_image_copies_only_serve_and_pipeline():
-    sources = [source for keyword, rest in instructions(DOCKER / "serve.Dockerfile") if keyword == "COPY"
-               for source in rest.split()[:-1]]
-    assert {s for s in sources if not s.startswith("docker/")} == {"serve", "pipeline"}
-    pins = requirements(DOCKER / "requirements-serve.txt")
-    assert "torch" not in pins and "mlflow" not in pins and "onnxruntime-gpu" in pins
+def test_serving_image_brings_no_torch_mlflow_or_scikit_learn():
+    brought = set(extra_closure("serve", "cuda"))
+    assert "onnxruntime-gpu" in brought and "fastapi" in brought
+    assert not brought & {"torch", "mlflow", "mlflow-skinny", "scikit-learn", "scipy", "matplotlib", "pyarrow"}, brought
+    assert "onnxruntime" not in brought, "onnxruntime beside onnxruntime-gpu: GPU support silently disappears"
 
 
 def module_level_imports(path: Path) -> set[str]:
@@ -264,10 +269,10 @@ def test_everything_serve_imports_at_startup_is_in_the_serving_image():
                 third_party.add(name.split(".")[0])
     assert {m.split(".")[0] for m in seen} <= {"serve", "pipeline"}, seen
     distributions = importlib.metadata.packages_distributions()
-    pins = requirements(DOCKER / "requirements-serve.txt")
+    brought = set(extra_closure("serve"))
     for module in sorted(third_party):
         provided_by = {normalise(d) for d in distributions.get(module, [])}
-        assert provided_by & set(pins), f"serve imports {module} at startup; pin {provided_by or module} in requirements-serve.txt"
+        assert provided_by & brought, f"serve imports {module} at startup; add {provided_by or module} to the [serve] extra"
 
 
 def test_serve_starts_without_torch_or_mlflow():
@@ -283,5 +288,5 @@ def test_dockerignore_keeps_the_context_small_but_not_the_sources():
     for heavy in (".venv", ".git", "out", "tests"):
         assert ignored(heavy), heavy
     for needed in ("serve/http.py", "pipeline/images.py", "train/trainer.py", "pyproject.toml",
-                   "docker/requirements-serve.txt"):
+                   "constraints.txt", "vae_cli.py", "README.md"):
         assert not ignored(needed), needed
