@@ -1,4 +1,4 @@
-"""`python -m pipeline`: write shards from a source, verify them, inspect them."""
+"""`python -m pipeline`: write shards from a source, index foreign ones, verify them, inspect them."""
 
 from __future__ import annotations
 
@@ -55,7 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--quiet", action="store_true", help="no progress bar")
 
     verify = commands.add_parser("verify", help="check every shard against the manifest")
-    verify.add_argument("directory", help="directory holding manifest.json")
+    verify.add_argument("directory", help="directory holding manifest.json (for an indexed foreign set "
+                                          "also a URL prefix, shard pattern or manifest path)")
+
+    index = commands.add_parser(
+        "index", help="scan a foreign WebDataset and write its manifest",
+        description="Read every shard of a WebDataset written by any tool once (image headers, labels, "
+                    "sample counts, sha256) and write the manifest that gives it exact epochs, equal "
+                    "batches on every rank, exact resume and `verify`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    index.add_argument("shards", help="shard pattern ('s3://bucket/faces/{000000..000099}.tar'; .tar.gz "
+                                      "and .tgz too), local folder or s3:// / gs:// prefix")
+    index.add_argument("--out", default=None,
+                       help="where to write the manifest (default: manifest.json beside the shards)")
+    index.add_argument("--val", default=None, help="validation shards (a pattern beside the training ones)")
+    index.add_argument("--val-shards", type=int, default=1,
+                       help="without --val: the last this many shards of SHARDS validate")
+    index.add_argument("--workers", type=int, default=1, help="processes reading shards")
+    index.add_argument("--image-key", default="auto",
+                       help="image member; auto: the first of jpg/jpeg/png/webp/ppm/npy in each sample")
+    index.add_argument("--label-key", default="auto", help="cls, txt, json:FIELD or none; auto: cls if present")
+    index.add_argument("--no-sha256", action="store_true", help="skip the checksums (verify then checks counts only)")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
 
     inspect = commands.add_parser("inspect", help="counts, shapes and a preview grid of random samples",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -88,10 +109,46 @@ def run_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_index(args: argparse.Namespace) -> int:
+    from pipeline.foreign import check_image_key, check_label_key
+    from pipeline.index import index_shards
+
+    check_image_key(args.image_key)
+    check_label_key(args.label_key)
+    manifest, where = index_shards(args.shards, out=args.out, val=args.val, val_shards=args.val_shards,
+                                   workers=args.workers, image_key=args.image_key, label_key=args.label_key,
+                                   sha256=not args.no_sha256, progress=not args.quiet)
+    index = manifest.extra["index"]
+    for split, shards in manifest.splits.items():
+        print(f"{split}: {manifest.num_samples(split)} samples in {len(shards)} shards")
+    print(f"images: {index['image_key']} {dict(list(index['image_sizes'].items())[:5])} "
+          f"{index['image_modes']}; labels: {index['label_key']}, {manifest.num_classes} classes")
+    for problem in index["problems"]:
+        print(problem, file=sys.stderr)
+    if index["num_problems"]:
+        print(f"{index['num_problems']} bad sample(s): training skips and counts them", file=sys.stderr)
+    print(f"wrote {where}")
+    return 0
+
+
+def _is_indexed_foreign(location: str) -> bool:
+    from pipeline.manifest import FOREIGN_LAYOUT
+    from pipeline.urls import resolve_split
+
+    try:
+        return resolve_split(location, "train")[2].layout == FOREIGN_LAYOUT
+    except (OSError, ValueError, KeyError):
+        return False  # verify_directory reports what is wrong with it
+
+
 def run_verify(args: argparse.Namespace) -> int:
+    from pipeline.index import verify_foreign
     from pipeline.verify import verify_directory
 
-    problems = verify_directory(args.directory)
+    if _is_indexed_foreign(args.directory):
+        problems = verify_foreign(args.directory)
+    else:
+        problems = verify_directory(args.directory)
     for problem in problems:
         print(problem, file=sys.stderr)
     print("ok" if not problems else f"{len(problems)} problem(s)")
@@ -108,7 +165,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"shards": run_shards, "verify": run_verify, "inspect": run_inspect}[args.command](args)
+        return {"shards": run_shards, "verify": run_verify, "inspect": run_inspect,
+                "index": run_index}[args.command](args)
     except (ValueError, KeyError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -11,6 +11,8 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 (before layouts) is read as layout "png"
 LAYOUTS = ("png", "npy", "block")
+FOREIGN_LAYOUT = "wds"
+"""A foreign WebDataset indexed by `pipeline index`: any tool's members, decoded by pipeline.foreign."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,8 @@ class Manifest:
             split: [ShardInfo(**shard) for shard in shards]
             for split, shards in data["splits"].items()
         }
-        if data.get("layout", "png") not in LAYOUTS:
-            raise ValueError(f"manifest layout {data['layout']!r}; expected one of {LAYOUTS}")
+        if data.get("layout", "png") not in LAYOUTS + (FOREIGN_LAYOUT,):
+            raise ValueError(f"manifest layout {data['layout']!r}; expected one of {LAYOUTS + (FOREIGN_LAYOUT,)}")
         tuples = {name: tuple(data[name]) for name in ("image_shape", "channel_mean", "channel_std",
                                                        "class_names") if name in data}
         return cls(**{**data, "splits": splits, **tuples})

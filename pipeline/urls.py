@@ -1,12 +1,14 @@
-"""Where shards live: local paths, brace patterns, http(s):// URLs and `pipe:` commands.
+"""Where shards live: local paths, brace patterns, http(s):// URLs, object stores and `pipe:` commands.
 
-Standard library (and webdataset's `gopen` for `pipe:` and other schemes) only, no torch.
+Standard library, fsspec for object stores (pipeline.stores) and webdataset's `gopen` for `pipe:`
+and other schemes; no torch.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import random
 import re
 import time
 import urllib.error
@@ -17,8 +19,14 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
+from pipeline.stores import is_store_url, open_store
 
-SHARD_NAME = re.compile(r"([^/\s'\"?=]+\.tar)")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+"""File names read as shards: plain tars (our fast reader) and gzipped ones (webdataset's)."""
+SHARD_NAME = re.compile(r"([^/\s'\"?=]+\.(?:tar\.gz|tgz|tar))(?![\w.])")
+# Not seeded from anything ranks share: ranks (and DataLoader workers, which copy their parent's
+# `random` state) must not wait the same time and retry in step against the same store.
+_JITTER = random.SystemRandom()
 
 
 class ShardOpenError(OSError):
@@ -40,6 +48,11 @@ class RetryPolicy:
     timeout_s: float = 60.0
     """Socket timeout for http(s) connections and reads."""
 
+    def delay_s(self, retry_number: int) -> float:
+        """Wait before retry `retry_number` (1 = the first): exponential back-off with full jitter,
+        uniform in [0, backoff_s * 2**(retry_number-1)], so ranks that failed together spread out."""
+        return _JITTER.uniform(0.0, self.backoff_s * 2 ** (retry_number - 1))
+
 
 DEFAULT_RETRY = RetryPolicy()
 
@@ -59,14 +72,14 @@ def expand_urls(spec: str) -> list[str]:
 def is_shard_spec(location: str) -> bool:
     """True for a shard list (pattern, .tar URL, pipe: command), False for a directory/prefix."""
     return (location.startswith("pipe:") or "{" in location or "::" in location
-            or location.rstrip("/").endswith(".tar"))
+            or location.rstrip("/").endswith(SHARD_SUFFIXES))
 
 
 def shard_name(url: str) -> str:
-    """The tar file name a URL or pipe: command refers to (its last `*.tar` word)."""
+    """The tar file name a URL or pipe: command refers to (its last `*.tar`, `*.tar.gz`, `*.tgz` word)."""
     names = SHARD_NAME.findall(url)
     if not names:
-        raise ValueError(f"{url!r}: no *.tar file name in it")
+        raise ValueError(f"{url!r}: no *.tar, *.tar.gz or *.tgz file name in it")
     return names[-1]
 
 
@@ -108,6 +121,8 @@ class _Prefixed(io.RawIOBase):
 def _open_once(url: str, timeout_s: float):
     if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=timeout_s)
+    if is_store_url(url):
+        return open_store(url, timeout_s)
     from webdataset.gopen import gopen, gopen_schemes
 
     scheme = url.split("://", 1)[0] if not url.startswith("pipe:") else "pipe"
@@ -123,8 +138,8 @@ def _open_once(url: str, timeout_s: float):
 
 
 def _retryable(error: Exception) -> bool:
-    if isinstance(error, UnsupportedURLError):
-        return False
+    if isinstance(error, (UnsupportedURLError, FileNotFoundError, PermissionError, ImportError)):
+        return False  # an object that is not there, or not ours to read, will not appear on retry
     if isinstance(error, urllib.error.HTTPError):
         return error.code >= 500 or error.code in (408, 429)
     return isinstance(error, (OSError, ValueError))
@@ -133,7 +148,8 @@ def _retryable(error: Exception) -> bool:
 def open_url(url: str, retry: RetryPolicy = DEFAULT_RETRY):
     """A readable binary stream for a local path, file://, http(s)://, pipe: or gopen URL.
 
-    Remote URLs are retried with exponential back-off (not 4xx answers, which will not change);
+    Remote URLs are retried with jittered exponential back-off (not 4xx answers or missing
+    objects, which will not change);
     the final error names the URL and the number of attempts.
     """
     if not is_remote(url) and not url.startswith("pipe:"):
@@ -146,7 +162,7 @@ def open_url(url: str, retry: RetryPolicy = DEFAULT_RETRY):
     attempts = max(1, retry.attempts)
     for attempt in range(attempts):
         if attempt:
-            time.sleep(retry.backoff_s * 2 ** (attempt - 1))
+            time.sleep(retry.delay_s(attempt))
         try:
             return _open_once(url, retry.timeout_s)
         except UnsupportedURLError:
@@ -161,8 +177,11 @@ def open_url(url: str, retry: RetryPolicy = DEFAULT_RETRY):
 
 def read_manifest_at(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> Manifest:
     """The manifest at a path, URL or pipe: command; errors name where it was looked for."""
-    if not is_remote(url) and not url.startswith("pipe:"):
+    local = not is_remote(url) and not url.startswith("pipe:")
+    if local and Path(url).name == MANIFEST_NAME:
         return read_manifest(Path(url.removeprefix("file://")).parent)
+    if local and not Path(url.removeprefix("file://")).is_file():
+        raise FileNotFoundError(f"no manifest at {url}")
     with open_url(url, retry) as stream:
         data = stream.read()
     try:
@@ -179,6 +198,11 @@ def resolve_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY
     pipe: command) finds manifest.json beside its first shard. A shard list of another split
     (the trainer asks for "val" with a train pattern) means that split's shards in the same place.
     """
+    if location.endswith(".json"):  # a manifest written elsewhere (`pipeline index --out`)
+        manifest = read_manifest_at(location, retry)
+        base = manifest.extra.get("index", {}).get("base") or location.rpartition("/")[0] or "."
+        infos = manifest.shards(split)
+        return [f"{base}/{info.name}" for info in infos], [i.num_samples for i in infos], manifest
     if is_shard_spec(location):
         urls = expand_urls(location)
         manifest = read_manifest_at(sibling(urls[0], MANIFEST_NAME), retry)

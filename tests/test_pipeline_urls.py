@@ -135,5 +135,5 @@ def test_training_batches_over_http_equal_local_ones(small_shards, http_shards):
 def test_unknown_scheme_says_how_to_read_it():
     from pipeline.urls import UnsupportedURLError
 
-    with pytest.raises(UnsupportedURLError, match=r"s3://b/train-000000\.tar: no reader for s3:// URLs.*pipe:aws s3 cp"):
-        open_url("s3://b/train-000000.tar", FAST_RETRY)
+    with pytest.raises(UnsupportedURLError, match=r"foo://b/train-000000\.tar: no reader for foo:// URLs.*pipe:"):
+        open_url("foo://b/train-000000.tar", FAST_RETRY)
