@@ -130,7 +130,7 @@ def read_shard_or_skip(url: str, shape: tuple[int, int, int], expected: int | No
     except ShardOpenError as error:
         if vanished is not None:
             vanished.add(url)
-        errors.skip(url, None, max(1, expected or 0), str(error), bad_shard=True)
+        errors.skip(url, None, max(1, expected or 0), str(error).removeprefix(f"{url}: "), bad_shard=True)
 
 
 def _to_batch(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +175,7 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.errors = errors or DataErrors()
         self.retry = retry
+        self._vanished: set[str] = set()  # per process: persistent workers count a vanished shard once
         # Shared memory, so persistent worker processes see the epoch the trainer sets.
         self._epoch = multiprocessing.Value("q", 0, lock=False)
 
@@ -216,7 +217,7 @@ class TrainStream(IterableDataset):
         pool = _Pool()
         # Drawing with replacement can pick only vanished shards a few times in a row by chance.
         max_empty_passes = 10 if self.shards.resampled or len(self.shards.urls) > 1 else 1
-        empty_passes, vanished = 0, set()
+        empty_passes, vanished = 0, self._vanished
         for pass_number in itertools.count():
             rng = np.random.default_rng([self.seed, epoch, pass_number, stream, 2])
             num_before = pool.size

@@ -11,6 +11,9 @@ stream without an extra dependency.
 
 from __future__ import annotations
 
+import functools
+import os
+
 STORE_SCHEMES = ("s3", "gs", "gcs")
 """URL schemes opened through fsspec (each needs its package: s3fs, gcsfs)."""
 
@@ -18,6 +21,7 @@ READ_BLOCK_BYTES = 8 << 20
 """Read-ahead per request: shards are read front to back, so large sequential blocks."""
 
 _PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
+_SETTINGS_PREFIXES = ("AWS_", "GOOGLE_", "GCS", "FSSPEC_")
 
 
 def scheme_of(url: str) -> str:
@@ -31,15 +35,22 @@ def is_store_url(url: str) -> bool:
 
 def filesystem(url: str):
     """The fsspec filesystem for a store URL; a missing package is named with how to install it."""
-    import fsspec
-
     scheme = scheme_of(url)
+    settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_SETTINGS_PREFIXES)))
     try:
-        # A fresh instance per process: fsspec's cached async clients do not survive fork.
-        return fsspec.filesystem(scheme, skip_instance_cache=True)
+        return _filesystem(scheme, os.getpid(), settings)
     except ImportError as error:
         package = _PACKAGES.get(scheme, f"the fsspec backend for {scheme}://")
         raise ImportError(f"{url}: reading {scheme}:// needs {package} (pip install {package})") from error
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(scheme: str, pid: int, settings: tuple):
+    """One client per process and environment: keyed by pid because fsspec's async clients do not
+    survive fork (DataLoader workers), and by the store settings so a changed endpoint is used."""
+    import fsspec
+
+    return fsspec.filesystem(scheme, skip_instance_cache=True)
 
 
 def open_store(url: str, timeout_s: float):

@@ -44,14 +44,16 @@ class RetryPolicy:
     attempts: int = 4
     """Tries per URL (1 means no retry); local paths are never retried."""
     backoff_s: float = 0.5
-    """Wait before the second try; doubled for every further try."""
+    """Longest wait before the second try (the wait is jittered in [half, all] of it); doubled for every further try."""
     timeout_s: float = 60.0
     """Socket timeout for http(s) connections and reads."""
 
     def delay_s(self, retry_number: int) -> float:
-        """Wait before retry `retry_number` (1 = the first): exponential back-off with full jitter,
-        uniform in [0, backoff_s * 2**(retry_number-1)], so ranks that failed together spread out."""
-        return _JITTER.uniform(0.0, self.backoff_s * 2 ** (retry_number - 1))
+        """Wait before retry `retry_number` (1 = the first): exponential back-off with "equal jitter",
+        uniform in [b/2, b] for b = backoff_s * 2**(retry_number-1): the wait still grows, and ranks
+        that failed together spread their retries instead of hitting the store at the same moment."""
+        limit = self.backoff_s * 2 ** (retry_number - 1)
+        return _JITTER.uniform(limit / 2, limit)
 
 
 DEFAULT_RETRY = RetryPolicy()

@@ -39,6 +39,10 @@ class DataConfig:
     """> 0: approximate epochs of this many samples, shards drawn with replacement, no manifest needed."""
     val_shards: str = ""
     """Validation shards when they are elsewhere ('' : the manifest's val split; without one, the last shard)."""
+    max_bad_samples: int = 100
+    """Error budget per rank: bad samples (undecodable, unlabelled, in a vanished shard) skipped before stopping."""
+    max_bad_fraction: float = 0.001
+    """Beyond max_bad_samples, the share of samples read that may be bad."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,9 @@ def _validate(config: TrainConfig) -> list[str]:
             check(value)
         except ValueError as error:
             problems.append(f"data.{check.__name__.removeprefix('check_')}: {error}")
+    if data.max_bad_samples < 0 or not 0 <= data.max_bad_fraction <= 1:
+        problems.append(f"data.max_bad_samples, data.max_bad_fraction: need >= 0 and a fraction in [0, 1], "
+                        f"got {data.max_bad_samples}, {data.max_bad_fraction}")
     if data.samples_per_epoch < 0:
         problems.append(f"data.samples_per_epoch: must be >= 0, got {data.samples_per_epoch}")
     if str(data.dynamic_binarization).lower() not in BINARIZATION_CHOICES:

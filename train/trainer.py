@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.images import make_grid
 from pipeline.data import open_train_val
+from pipeline.errors import ErrorBudget
 from pipeline.loader import ShardSet, batches_per_epoch, iter_eval_batches, make_train_loader
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, binarizes, config_to_dict
@@ -201,7 +202,8 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                            readable_run_name(config, context.world_size, precision))
     loader = make_train_loader(train_shards, batch_size=config.data.batch_size, rank=context.rank,
                                world_size=context.world_size, seed=config.run.seed,
-                               num_workers=config.data.num_workers)
+                               num_workers=config.data.num_workers,
+                               error_budget=ErrorBudget(config.data.max_bad_samples, config.data.max_bad_fraction))
     binarize_inputs = binarizes(config)
     grid_images = first_val_images(val_shards).to(context.device).float().div_(255.0)
 
