@@ -60,6 +60,9 @@ def test_a_slice_to_shards_keeps_test_as_val(fashion_slice, tmp_path):
     mixed = write_shards(fashion_slice, tmp_path / "mixed", samples_per_shard=500, progress=False,
                          val_fraction=0.5)
     assert mixed.extra["split"] == "stratified" and mixed.num_samples("val") in range(190, 211)
+    # a slice with no test images has no val split of its own: say so, and how to get one
+    with pytest.raises(ValueError, match="its own split has 300 train and 0 val samples; pass --val-fraction"):
+        write_shards(fashion_slice.subset(np.arange(300)), tmp_path / "none", progress=False)
 
 
 @needs_fashion_mnist
