@@ -10,7 +10,7 @@ from pathlib import Path
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 (before layouts) is read as layout "png"
-LAYOUTS = ("png", "npy", "block")
+LAYOUTS = ("png", "npy", "block", "jpg", "webp")
 FOREIGN_LAYOUT = "wds"
 """A foreign WebDataset indexed by `pipeline index`: any tool's members, decoded by pipeline.foreign."""
 
