@@ -200,3 +200,21 @@ def test_training_over_s3_survives_a_shard_deleted_mid_run(rgb_digits, tmp_path,
     bad = metrics(tmp_path, "data/bad_shards")
     assert bad[40] >= 1 and metrics(tmp_path, "data/skipped_samples")[40] >= 50  # counted, named, not fatal
     assert "000003.tar" in stderr and "cannot open" in stderr
+
+
+def test_a_model_trained_on_a_foreign_set_exports_with_its_images(rgb_digits, tmp_path):
+    from export.__main__ import main as export_main
+    from train.config import parse_args
+    from train.distributed import DistContext
+    from train.trainer import run_training
+
+    images, labels = rgb_digits
+    shards = tmp_path / "shards"
+    write_foreign(shards, images[:200], labels[:200], ext="png", label="txt", per_shard=50)
+    index_shards(str(shards), progress=False, label_key="txt")  # class names from the txt members
+    config = parse_args(train_flags(str(shards), tmp_path, "--data.batch_size=50", "--data.num_workers=0",
+                                    "--run.max_steps=6", "--run.checkpoint_interval_steps=6"))
+    run_training(config, DistContext(0, 1, 0, torch.device("cpu"), "gloo"))
+    # export verifies ONNX against PyTorch on validation images read and fitted as training read them
+    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["image_shape"] == [3, 28, 28]
