@@ -20,8 +20,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = "out/shards"
-    """Directory, URL prefix (s3://, gs://, https://) or manifest.json path; or a shard pattern
-    (`dir/{000000..000099}.tar`, .tar.gz/.tgz too) with manifest.json beside it."""
+    """Directory or URL prefix (s3://, gs://, https://) with manifest.json, a manifest .json path, or a shard pattern."""
     batch_size: int = 128
     """Images per batch on each rank (global batch = batch_size x world size)."""
     num_workers: int = 1
