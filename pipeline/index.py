@@ -87,8 +87,8 @@ def _probe_image(sample: dict, member: str, max_pixels: int) -> tuple[tuple[int,
     data = sample[member]
     if member == "npy":
         array = decode_npy(data)
-        if array.ndim not in (2, 3) or array.dtype != np.uint8:
-            raise ValueError(f"expected an HxW[xC] uint8 array, got {array.dtype} {array.shape}")
+        if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3)):
+            raise ValueError(f"expected an HxW or HxWx(1|3) uint8 array, got {array.dtype} {array.shape}")
         channels = 1 if array.ndim == 2 else array.shape[2]
         return (array.shape[0], array.shape[1], channels), f"npy:{array.dtype}"
     try:

@@ -192,6 +192,18 @@ def read_manifest_at(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> Manifest:
         raise ValueError(f"{url}: malformed manifest: {error}") from error
 
 
+def _shards_base(manifest: Manifest, location: str) -> str:
+    """Where the shards of a manifest at `location` are: its folder, or the folder `pipeline index
+    --out` recorded. That record comes from a file, so it may name a folder, never a command."""
+    base = manifest.extra.get("index", {}).get("base") if isinstance(manifest.extra.get("index"), dict) else None
+    if base is None:
+        return location.rpartition("/")[0] or "."
+    if not isinstance(base, str) or base.startswith("pipe:") or not (is_remote(base) or base.startswith("/")) or any(
+            c in base for c in "\n\r\0"):
+        raise ValueError(f"{location}: extra.index.base {str(base)[:80]!r} is not a folder URL or absolute path")
+    return base.rstrip("/")
+
+
 def resolve_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY
                   ) -> tuple[list[str], list[int], Manifest]:
     """(shard URLs, sample counts, manifest) of one split, from any supported location.
@@ -202,7 +214,7 @@ def resolve_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY
     """
     if location.endswith(".json"):  # a manifest written elsewhere (`pipeline index --out`)
         manifest = read_manifest_at(location, retry)
-        base = manifest.extra.get("index", {}).get("base") or location.rpartition("/")[0] or "."
+        base = _shards_base(manifest, location)
         infos = manifest.shards(split)
         return [f"{base}/{info.name}" for info in infos], [i.num_samples for i in infos], manifest
     if is_shard_spec(location):

@@ -276,3 +276,17 @@ def test_gzip_shard_cut_short_is_a_counted_bad_shard(digits, tmp_path):
     assert 0 < got < 60 and errors.num_skipped_samples == 60 - got and errors.num_bad_shards == 1
     with tarfile.open(path) as broken, pytest.raises((EOFError, tarfile.ReadError)):
         broken.getmembers()  # really damaged
+
+
+def test_a_manifest_elsewhere_may_name_a_folder_never_a_command(digits, tmp_path):
+    images, labels = digits
+    write_foreign(tmp_path / "set", images[:100], labels[:100], ext="jpg", label="cls", per_shard=50)
+    out = tmp_path / "m.json"
+    index_shards(str(tmp_path / "set"), out=str(out), progress=False)
+    data = json.loads(out.read_text())
+    for base in (f"pipe:touch {tmp_path}/owned #", "relative/folder"):
+        data["extra"]["index"]["base"] = base
+        out.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="extra.index.base .* is not a folder URL or absolute path"):
+            open_train_val(str(out), image_shape=MODEL_SHAPE)
+    assert not (tmp_path / "owned").exists()
