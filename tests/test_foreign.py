@@ -290,3 +290,14 @@ def test_a_manifest_elsewhere_may_name_a_folder_never_a_command(digits, tmp_path
         with pytest.raises(ValueError, match="extra.index.base .* is not a folder URL or absolute path"):
             open_train_val(str(out), image_shape=MODEL_SHAPE)
     assert not (tmp_path / "owned").exists()
+
+
+def test_inspect_describes_an_indexed_foreign_set_and_previews_it(digits, tmp_path):
+    from pipeline.summary import describe
+
+    images, labels = digits
+    write_foreign(tmp_path / "set", images[:100], labels[:100], ext="webp", label="cls", per_shard=50)
+    index_shards(str(tmp_path / "set"), progress=False)
+    text = describe(str(tmp_path / "set"), preview=tmp_path / "grid.png", num_preview=16)
+    assert "layout wds" in text and "image webp, label cls" in text and "'36x32x3': 100" in text
+    assert Image.open(tmp_path / "grid.png").size[0] > 0

@@ -311,8 +311,10 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                         position.epoch += 1
                         position.batch_in_epoch = 0
                     if window_images and (position.step % config.run.log_interval_steps == 0 or stopped_by):
+                        data_errors = loader.dataset.errors.metrics()  # this rank's; summed over ranks below
                         totals = all_reduce_sum(torch.cat([window, window.new_tensor(
-                            [window_images, window_wait])]), context)
+                            [window_images, window_wait, *data_errors.values()])]), context)
+                        data_errors = dict(zip(data_errors, totals[5:].tolist()))
                         elapsed = time.perf_counter() - window_start
                         nelbo, recon, kl = (totals[:3] / totals[3]).tolist()
                         metrics = {"train/neg_elbo": nelbo, "train/recon": recon, "train/kl": kl,
@@ -322,7 +324,7 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                                    "train/data_wait_share": totals[4].item() / context.world_size / elapsed,
                                    "train/skipped_steps": position.skipped_steps,
                                    "train/epoch": position.epoch + position.batch_in_epoch / num_batches,
-                                   **loader.dataset.errors.metrics()}
+                                   **data_errors}
                         if config.run.system_metrics and context.is_main:
                             metrics.update(system_metrics(context.device))
                         tracker.log_metrics(metrics, position.step)
