@@ -21,7 +21,8 @@ MAX_COUNT = 2**48
 """Largest sample or byte count a manifest may state (shared-memory counters are int64)."""
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-SHARD_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,200}(?:%s)" % "|".join(map(re.escape, SHARD_SUFFIXES)))
+SHARD_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,200}(?:%s)"
+                        % "|".join(map(re.escape, SHARD_SUFFIXES)))
 """A shard's name in a manifest: a plain file name, nothing a path or a shell could read more into
 (no '/', no '..', no spaces or shell metacharacters, no leading '-'), ending in .tar/.tar.gz/.tgz.
 Names are pasted into shard URLs and `pipe:` commands (pipeline.urls.sibling), so this is what
@@ -198,8 +199,10 @@ def _split_problems(splits: object) -> list[str]:
         for index, shard in enumerate(shards):
             where = f"splits[{split}][{index}]"
             if not isinstance(shard, dict) or shard.keys() != _SHARD_FIELDS:
-                got = (f"missing {sorted(_SHARD_FIELDS - shard.keys())}, unknown {_show(sorted(shard.keys() - _SHARD_FIELDS))}"
-                       if isinstance(shard, dict) else _show(shard))
+                got = _show(shard)
+                if isinstance(shard, dict):
+                    got = (f"missing {sorted(_SHARD_FIELDS - shard.keys())}, "
+                           f"unknown {_show(sorted(shard.keys() - _SHARD_FIELDS))}")
                 problems.append(f"{where}: expected an object of exactly {sorted(_SHARD_FIELDS)}, got {got}")
                 continue
             try:
@@ -212,7 +215,8 @@ def _split_problems(splits: object) -> list[str]:
                 seen.add(name)
             for count in ("num_samples", "num_bytes"):
                 if not _is_int(shard[count]):
-                    problems.append(f"{where}.{count}: expected an integer in [0, {MAX_COUNT}], got {_show(shard[count])}")
+                    problems.append(f"{where}.{count}: expected an integer in [0, {MAX_COUNT}], "
+                                    f"got {_show(shard[count])}")
             if not (isinstance(shard["sha256"], str) and _SHA256.fullmatch(shard["sha256"])):
                 problems.append(f"{where}.sha256: expected 64 lowercase hex digits, got {_show(shard['sha256'])}")
     return problems

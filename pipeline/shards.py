@@ -353,7 +353,8 @@ def iter_tar_members(stream, source: str = "tar stream", max_member_bytes: int =
             try:
                 size = _number(header[124:136])
             except ValueError:
-                raise TarFormatError(f"{source}: bad size field {header[124:136]!r} in the header at byte {at}") from None
+                raise TarFormatError(f"{source}: bad size field {header[124:136]!r} in the header "
+                                     f"at byte {at}") from None
         if size > max_member_bytes or (size > _MAX_META_BYTES and kind in _META_TYPES):
             raise TarFormatError(f"{source}: member at byte {at} declares size {size:,}, over the "
                                  f"{max_member_bytes if kind not in _META_TYPES else _MAX_META_BYTES:,}-byte limit")

@@ -444,3 +444,10 @@ def test_sibling_refuses_to_paste_anything_but_a_plain_file_name():
                  "v .tar", "v.tar\n", "v|x.tar"):
         with pytest.raises(ValueError, match="not a plain"):
             sibling(url, name)
+
+
+def test_a_manifest_nested_too_deep_is_a_malformed_manifest(shard_dir):
+    """json.loads raises RecursionError (not a ValueError) on deep nesting: still one clear error."""
+    (shard_dir / MANIFEST_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"manifest\.json: malformed manifest: not JSON"):
+        read_manifest(shard_dir)
