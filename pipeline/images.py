@@ -11,16 +11,44 @@ import numpy as np
 from PIL import Image
 
 
-def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
-    """Encode an HxWxC uint8 image (C is 1 or 3) as PNG bytes, losslessly (any compress_level 0-9)."""
+def _pil_image(image: np.ndarray) -> Image.Image:
+    """An HxWxC uint8 array (C is 1 or 3) as a Pillow image; anything else is refused by name."""
     if image.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {image.dtype}")
     if image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"expected an HxWxC image with C in (1, 3), got shape {image.shape}")
-    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+
+
+def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """Encode an HxWxC uint8 image (C is 1 or 3) as PNG bytes, losslessly (any compress_level 0-9)."""
     buffer = io.BytesIO()
     # Any fixed level is deterministic across runs, which keeps shards byte-identical.
-    pil.save(buffer, format="PNG", compress_level=compress_level)
+    _pil_image(image).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def check_quality(quality: int) -> None:
+    """A lossy encoder's quality: a whole number from 1 to 100, or a ValueError naming the value."""
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be a whole number from 1 to 100, got {quality!r}")
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """HxWxC uint8 (C is 1 or 3) as baseline JPEG; the same pixels and quality give the same bytes."""
+    check_quality(quality)
+    buffer = io.BytesIO()
+    # 4:4:4: colour kept at full resolution (Pillow's default 4:2:0 halves it, and a VAE learns
+    # whatever the codec smears). No EXIF, ICC or timestamps: bytes depend on pixels and quality only.
+    _pil_image(image).save(buffer, format="JPEG", quality=int(quality), subsampling=0)
+    return buffer.getvalue()
+
+
+def encode_webp(image: np.ndarray, quality: int = 90) -> bytes:
+    """HxWxC uint8 (C is 1 or 3) as lossy WebP (grey is stored as RGB); deterministic for fixed quality."""
+    check_quality(quality)
+    buffer = io.BytesIO()
+    _pil_image(image).save(buffer, format="WEBP", quality=int(quality), method=4)
     return buffer.getvalue()
 
 

@@ -14,7 +14,7 @@ from pipeline.images import DEFAULT_MAX_PIXELS
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 (before layouts) is read as layout "png"
-LAYOUTS = ("png", "npy", "block")
+LAYOUTS = ("png", "npy", "block", "jpg", "webp")
 MAX_MANIFEST_BYTES = 64 << 20
 """Largest manifest.json read (about 300,000 shards); more is refused before parsing."""
 MAX_COUNT = 2**48
