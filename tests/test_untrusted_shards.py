@@ -172,13 +172,14 @@ def test_the_training_loader_counts_a_malformed_shard_within_the_budget(shard_di
 
 @pytest.fixture(scope="module")
 def fuzz_shards(few_digits) -> list[bytes]:
-    """Real shards by our writer (png, npy, block layouts) and in pax and GNU dialects (long names)."""
+    """Real shards by our writer (png, npy, block, webp layouts) and in pax and GNU dialects (long names)."""
     images, labels = few_digits.images[:6], few_digits.labels[:6]  # (6, 28, 28, 1)
     keys = [f"s-{i:03d}" for i in range(6)]
     shards = []
-    for layout in ("png", "npy", "block"):
+    for layout in ("png", "npy", "block", "webp"):
         buffer = io.BytesIO()
-        write_tar(buffer, keys, images, labels, layout=layout, samples_per_block=4, block_prefix="blk")
+        write_tar(buffer, keys, images, labels, layout=layout, samples_per_block=4, block_prefix="blk",
+                  quality=90 if layout == "webp" else None)
         shards.append(buffer.getvalue())
     for tar_format in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
         with tarfile.open(fileobj=io.BytesIO(shards[0])) as source:
