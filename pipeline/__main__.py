@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tarfile
 
 from pipeline.manifest import LAYOUTS
 from pipeline.shards import DEFAULT_LAYOUT, DEFAULT_QUALITY, DEFAULT_SAMPLES_PER_BLOCK
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"shards": run_shards, "verify": run_verify, "inspect": run_inspect,
                 "index": run_index}[args.command](args)
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError, tarfile.TarError) as error:  # bad input: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -5,13 +5,13 @@ with `pipeline.images.decode_image` (bounded by max_pixels) and fitted to the mo
 size with `fit_image` (resize the short side, centre-crop): exactly what `pipeline shards` does,
 so training, export and serving preprocess alike. Labels are optional.
 
-Plain `.tar` shards go through our strict, fast reader (`pipeline.shards.iter_tar_samples`);
-gzipped ones (`.tar.gz`, `.tgz`) through webdataset's own tar stages, which read any tar
-`tarfile` reads.
+Shards, plain `.tar` or gzipped (`.tar.gz`, `.tgz`), go through our strict, bounded tar reader
+(`pipeline.shards.iter_tar_samples`); labels are parsed with webdataset's decoders for them.
 """
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -125,6 +125,9 @@ class SampleDecoder:
                 if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
                         image.ndim == 3 and image.shape[2] not in (1, 3)):
                     raise ValueError(f"expected an HxW or HxWx(1|3) uint8 array, got {image.dtype} {image.shape}")
+                if image.shape[0] * image.shape[1] > self.max_pixels:
+                    raise ValueError(f"array of {image.shape[1]}x{image.shape[0]} pixels, more than the "
+                                     f"{self.max_pixels:,} allowed")
             else:
                 image = decode_image(sample[member], channels=channels, max_pixels=self.max_pixels)
             return fit_image(image, height, channels)
@@ -147,19 +150,17 @@ class SampleDecoder:
 def iter_shard_samples(stream, url: str) -> Iterator[dict]:
     """`{__key__, __url__, ext: bytes}` samples of one shard stream, plain or gzipped tar.
 
-    Extensions are lower-cased (as webdataset does), so `KEY.JPG` is a `jpg` member.
+    Both go through our strict tar reader (pipeline.shards): a gzipped shard is only decompressed
+    on the way in. Not webdataset's tar stage: it reads each member whole whatever size its header
+    declares, so a small gzip bomb (GBs of zeros) would take that much memory; ours refuses a
+    member over its limit before reading it. Extensions are lower-cased (webdataset's rule), so
+    `KEY.JPG` is a `jpg` member.
     """
-    if url.lower().endswith(GZIP_SUFFIXES):
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-        files = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-        try:
-            yield from group_by_keys(files)
-        except ValueError as error:  # webdataset's report of a duplicate member; not a bad sample
-            raise OSError(f"{url}: {error}") from None
-        return
     from pipeline.shards import iter_tar_samples
+    from pipeline.urls import shard_name
 
+    if shard_name(url).lower().endswith(GZIP_SUFFIXES):
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
     for sample in iter_tar_samples(stream, url):
         if any(name != name.lower() for name in sample):
             sample = {name if name.startswith("__") else name.lower(): value for name, value in sample.items()}

@@ -29,10 +29,10 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.foreign import SampleDecoder, find_image_key, iter_shard_samples, label_value
 from pipeline.images import DEFAULT_MAX_PIXELS, decode_npy
-from pipeline.manifest import FOREIGN_LAYOUT, MANIFEST_NAME, Manifest, ShardInfo
+from pipeline.manifest import FOREIGN_LAYOUT, MANIFEST_NAME, SHARD_SUFFIXES, Manifest, ShardInfo
 from pipeline.stores import is_store_url, list_store, write_store
-from pipeline.urls import (DEFAULT_RETRY, SHARD_SUFFIXES, RetryPolicy, ShardOpenError, expand_urls, is_remote,
-                           is_shard_spec, open_url, shard_name)
+from pipeline.urls import (DEFAULT_RETRY, RetryPolicy, ShardOpenError, expand_urls, is_remote, is_shard_spec,
+                           open_url, shard_name)
 
 MAX_PROBLEMS_KEPT = 20
 """Problems named per shard in the manifest (all are counted)."""

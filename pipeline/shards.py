@@ -278,85 +278,154 @@ def write_shards(
 
 
 class TarFormatError(tarfile.ReadError):
-    """A tar stream that is cut short or has a damaged header; the message says where."""
+    """A tar stream that is cut short or has a damaged header; the message names the shard and byte."""
 
 
+MAX_MEMBER_BYTES = 256 << 20
+"""Largest tar member read (a block of 64 images of 1024x1024 RGB is 192 MiB): a header declaring
+more makes the shard bad instead of costing that much memory."""
+_MAX_META_BYTES = 1 << 20  # GNU long names and pax headers are parsed whole: keep them small
+_READ_CHUNK = 1 << 20
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _FILE_TYPES = (b"0", b"\0", b"7")
+_META_TYPES = (b"L", b"x")
 
 
 def _read_exact(stream, size: int) -> bytes:
-    data = stream.read(size)
-    while 0 < len(data) < size:  # sockets and pipes may return less than asked
-        more = stream.read(size - len(data))
-        if not more:
+    """`size` bytes, or fewer where the stream ends. Past 1 MiB it reads in 1 MiB chunks, so a size
+    from a damaged header costs the memory of what the stream really holds, not of what it claims."""
+    if size <= _READ_CHUNK:
+        data = stream.read(size)
+        while 0 < len(data) < size:  # sockets and pipes may return less than asked
+            more = stream.read(size - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    parts, remaining = [], size
+    while remaining:
+        part = stream.read(min(remaining, _READ_CHUNK))
+        if not part:
             break
-        data += more
-    return data
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
 
 
-def _octal(field: bytes, offset: int) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values
+def _number(field: bytes) -> int:
+    """A tar header number: octal digits (NUL or space padded) or GNU base-256 (0x80 first); a
+    negative base-256 number, a sign or any other byte raises ValueError."""
+    if field[:1] == b"\x80":
         return int.from_bytes(field[1:], "big")
-    try:
-        return int(field.strip(b"\0 ") or b"0", 8)
-    except ValueError:
-        raise TarFormatError(f"bad number {field!r} in the header at byte {offset}") from None
+    digits = field.strip(b"\0 ")
+    if not digits.isdigit():
+        if digits:
+            raise ValueError(f"bad number {field!r}")
+        return 0
+    return int(digits, 8)  # 8 and 9 raise ValueError
 
 
 def _pax_records(payload: bytes) -> dict[str, str]:
+    """The `LENGTH KEY=VALUE\\n` records of a pax header; anything else raises ValueError.
+
+    Every record is checked to end inside the payload with a newline after a non-empty key, so each
+    one moves the position forward: a length of 0 (or negative, or not a number) cannot loop.
+    """
     records, position = {}, 0
-    while position < len(payload):
-        length_text, _, _ = payload[position : position + 20].partition(b" ")
-        length = int(length_text)
-        key, _, value = payload[position + len(length_text) + 1 : position + length - 1].partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8")
-        position += length
+    while position < len(payload) and payload[position]:  # NUL padding ends the records (as in tarfile)
+        space = payload.find(b" ", position, position + 20)
+        digits = payload[position:space]
+        if space < 0 or not digits.isdigit():
+            raise ValueError(f"record length {payload[position:position + 20]!r} is not a number")
+        end = position + int(digits)
+        key, equals, value = payload[space + 1 : end - 1].partition(b"=")
+        if not space + 4 <= end <= len(payload) or payload[end - 1] != 10 or not key or not equals:  # 10: b"\n"
+            raise ValueError(f"record {payload[position:min(end, position + 40)]!r} is not 'LENGTH KEY=VALUE\\n' "
+                             f"within the header's {len(payload)} bytes")
+        try:
+            records[key.decode("utf-8")] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"record {key[:40]!r} is not UTF-8") from None
+        position = end
     return records
 
 
-def iter_tar_members(stream) -> Iterator[tuple[str, bytes]]:
+def iter_tar_members(stream, source: str = "tar stream", max_member_bytes: int = MAX_MEMBER_BYTES
+                     ) -> Iterator[tuple[str, bytes]]:
     """(name, payload) of every regular file in a tar stream (ustar, GNU long names, pax).
 
     A small reader of our own instead of `tarfile`: parsing a header here costs a fraction of
-    what `tarfile` spends, which is most of the time for one-image-per-member shards, and it is
-    strict: a bad header checksum or a stream that ends before the end-of-archive blocks raises
-    TarFormatError (`tarfile`'s stream mode stops quietly at a cut between members).
+    what `tarfile` spends, which is most of the time for one-image-per-member shards. Shards are
+    untrusted, so it is strict: anything malformed (checksum, numbers, sizes over
+    `max_member_bytes`, pax records, names that are not UTF-8, a stream that ends before the
+    end-of-archive blocks) raises TarFormatError naming `source` and the byte offset, and no size
+    read from a header allocates more than the stream holds (`tarfile`'s stream mode stops quietly
+    at a cut between members).
     """
     offset = 0
     long_name: str | None = None
-    pax: dict[str, str] = {}
+    pax_path: str | None = None
+    pax_size: int | None = None
     while True:
         header = _read_exact(stream, _BLOCK)
         if len(header) < _BLOCK:
-            raise TarFormatError(f"stream ends at byte {offset + len(header)} without the end-of-archive blocks")
+            raise TarFormatError(f"{source}: stream ends at byte {offset + len(header)} without the "
+                                 "end-of-archive blocks")
         if header == _ZERO_BLOCK:
             return
-        stored = _octal(header[148:156], offset)
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
-            raise TarFormatError(f"bad header checksum at byte {offset}")
-        size = int(pax["size"]) if "size" in pax else _octal(header[124:136], offset)
+        at = offset
+        try:
+            if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+                raise ValueError
+        except ValueError:
+            raise TarFormatError(f"{source}: bad header checksum at byte {at}") from None
         kind = header[156:157]
+        if pax_size is not None:
+            size = pax_size
+        else:
+            try:
+                size = _number(header[124:136])
+            except ValueError:
+                raise TarFormatError(f"{source}: bad size field {header[124:136]!r} in the header "
+                                     f"at byte {at}") from None
+        if size > max_member_bytes or (size > _MAX_META_BYTES and kind in _META_TYPES):
+            raise TarFormatError(f"{source}: member at byte {at} declares size {size:,}, over the "
+                                 f"{max_member_bytes if kind not in _META_TYPES else _MAX_META_BYTES:,}-byte limit")
         payload = _read_exact(stream, size)
         if len(payload) < size:
-            raise TarFormatError(f"member at byte {offset} cut short: {len(payload)} of {size} bytes")
+            raise TarFormatError(f"{source}: member at byte {at} cut short: {len(payload)} of {size} bytes")
         padding = -size % _BLOCK
         if padding and len(_read_exact(stream, padding)) < padding:
-            raise TarFormatError(f"stream ends inside the padding after byte {offset + _BLOCK + size}")
+            raise TarFormatError(f"{source}: stream ends inside the padding after byte {at + _BLOCK + size}")
         offset += _BLOCK + size + padding
         if kind == b"L":  # GNU long name for the next member
-            long_name = payload.rstrip(b"\0").decode("utf-8")
+            try:
+                long_name = payload.rstrip(b"\0").decode("utf-8")
+            except UnicodeDecodeError:
+                raise TarFormatError(f"{source}: GNU long name at byte {at} is not UTF-8") from None
             continue
         if kind == b"x":  # pax extended header for the next member
-            pax = _pax_records(payload)
+            try:
+                records = _pax_records(payload)
+                pax_path = records.get("path")
+                if "size" in records:
+                    if not (records["size"].isascii() and records["size"].isdigit()):
+                        raise ValueError(f"size {records['size'][:40]!r} is not a number")
+                    pax_size = int(records["size"])
+                    if pax_size > max_member_bytes:
+                        raise ValueError(f"size {pax_size:,} is over the {max_member_bytes:,}-byte limit")
+            except ValueError as error:  # also int()'s limit on digits
+                raise TarFormatError(f"{source}: bad pax header at byte {at}: {error}") from None
             continue
         if kind in _FILE_TYPES:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
-            name = pax.get("path") or long_name or (f"{prefix}/{name}" if prefix else name)
-            yield name, payload
-        long_name, pax = None, {}
+            try:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            except UnicodeDecodeError:
+                raise TarFormatError(f"{source}: member name at byte {at} is not UTF-8") from None
+            yield pax_path or long_name or (f"{prefix}/{name}" if prefix else name), payload
+        long_name = pax_path = pax_size = None
 
 
 def iter_tar_samples(fileobj, source_name: str) -> Iterator[dict]:
@@ -366,7 +435,7 @@ def iter_tar_samples(fileobj, source_name: str) -> Iterator[dict]:
     `blk.images.npy` has key `blk` and extension `images.npy`.
     """
     current: dict | None = None
-    for name, payload in iter_tar_members(fileobj):
+    for name, payload in iter_tar_members(fileobj, source_name):
         folder, slash, base = name.rpartition("/")
         stem, _, extension = base.partition(".")
         key = folder + slash + stem
@@ -391,8 +460,9 @@ def decode_sample(sample: dict, expected_shape: tuple[int, int, int]) -> tuple[n
     if encoded is None and "npy" not in sample:
         raise ValueError(f"sample {key}: no png, jpg, webp or npy member (has {_fields(sample)})")
     try:
-        if encoded is not None:
-            image = decode_image(sample[encoded], channels=expected_shape[2])
+        if encoded is not None:  # anything over the manifest's size is refused at the header, before decoding
+            image = decode_image(sample[encoded], channels=expected_shape[2],
+                                 max_pixels=expected_shape[0] * expected_shape[1])
         else:
             image = decode_npy(sample["npy"])
     except ValueError as error:
@@ -423,7 +493,13 @@ def decode_samples(sample: dict, expected_shape: tuple[int, int, int]
         raise ValueError(f"block {key}: expected uint8 (n, {', '.join(map(str, expected_shape))}) "
                          f"images, got {images.dtype} {images.shape}")
     if "labels.npy" in sample:
-        labels = decode_npy(sample["labels.npy"]).astype(np.int64, copy=False).reshape(-1)
+        try:
+            labels = decode_npy(sample["labels.npy"])
+        except ValueError as error:
+            raise ValueError(f"block {key} labels: {error}") from None
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"block {key}: expected integer labels, got {labels.dtype}")
+        labels = labels.astype(np.int64, copy=False).reshape(-1)
     else:
         labels = np.full(len(images), -1, dtype=np.int64)
     if len(labels) != len(images):

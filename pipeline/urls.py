@@ -7,7 +7,6 @@ and other schemes; no torch.
 from __future__ import annotations
 
 import io
-import json
 import random
 import re
 import time
@@ -18,12 +17,12 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
+from pipeline.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_SUFFIXES, Manifest, check_shard_name,
+                               parse_manifest, read_manifest)
+
+_SHARD_IN_URL = re.compile(r"([^/\s'\"?=]+\.(?:tar\.gz|tgz|tar))")  # the operator's URL: any file-ish word
 from pipeline.stores import is_store_url, open_store
 
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-"""File names read as shards: plain tars (our fast reader) and gzipped ones (webdataset's)."""
-SHARD_NAME = re.compile(r"([^/\s'\"?=]+\.(?:tar\.gz|tgz|tar))(?![\w.])")
 # Not seeded from anything ranks share: ranks (and DataLoader workers, which copy their parent's
 # `random` state) must not wait the same time and retry in step against the same store.
 _JITTER = random.SystemRandom()
@@ -79,14 +78,21 @@ def is_shard_spec(location: str) -> bool:
 
 def shard_name(url: str) -> str:
     """The tar file name a URL or pipe: command refers to (its last `*.tar`, `*.tar.gz`, `*.tgz` word)."""
-    names = SHARD_NAME.findall(url)
+    names = _SHARD_IN_URL.findall(url)
     if not names:
         raise ValueError(f"{url!r}: no *.tar, *.tar.gz or *.tgz file name in it")
     return names[-1]
 
 
 def sibling(url: str, name: str) -> str:
-    """The URL (or pipe: command) for file `name` in the same place as shard URL `url`."""
+    """The URL (or pipe: command) for file `name` in the same place as shard URL `url`.
+
+    `name` is pasted into the URL, which for `pipe:` is a shell command: it must be manifest.json
+    or a plain shard file name (pipeline.manifest.SHARD_NAME), checked here, where it is pasted,
+    whatever checked it before.
+    """
+    if name != MANIFEST_NAME:
+        check_shard_name(name)
     own = shard_name(url)
     head, _, tail = url.rpartition(own)
     return head + name + tail
@@ -184,12 +190,15 @@ def read_manifest_at(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> Manifest:
         return read_manifest(Path(url.removeprefix("file://")).parent)
     if local and not Path(url.removeprefix("file://")).is_file():
         raise FileNotFoundError(f"no manifest at {url}")
+    chunks, size = [], 0
     with open_url(url, retry) as stream:
-        data = stream.read()
-    try:
-        return Manifest.from_dict(json.loads(data))
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{url}: malformed manifest: {error}") from error
+        while size <= MAX_MANIFEST_BYTES:  # a remote manifest may be endless: read no more than the limit
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    return parse_manifest(b"".join(chunks), url)
 
 
 def _shards_base(manifest: Manifest, location: str) -> str:

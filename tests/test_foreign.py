@@ -301,3 +301,30 @@ def test_inspect_describes_an_indexed_foreign_set_and_previews_it(digits, tmp_pa
     text = describe(str(tmp_path / "set"), preview=tmp_path / "grid.png", num_preview=16)
     assert "layout wds" in text and "image webp, label cls" in text and "'36x32x3': 100" in text
     assert Image.open(tmp_path / "grid.png").size[0] > 0
+
+
+def test_a_gzip_bomb_member_is_refused_before_it_is_read(tmp_path):
+    """A .tar.gz holding one 300 MB member of zeros (300 KB compressed): the shard is bad, and the
+    reader never holds the member (webdataset's tar stage would read it whole into memory)."""
+    import gzip
+    import tracemalloc
+
+    from pipeline.shards import MAX_MEMBER_BYTES
+
+    size = MAX_MEMBER_BYTES + (44 << 20)
+    path = tmp_path / "000000.tar.gz"
+    with gzip.open(path, "wb", compresslevel=1) as raw, tarfile.open(fileobj=raw, mode="w|") as tar:
+        info = tarfile.TarInfo("bomb.npy")
+        info.size = size
+        chunk = bytes(1 << 20)
+        tar.addfile(info, io.BufferedReader(io.BytesIO(chunk * (size >> 20))))
+    errors = DataErrors(ErrorBudget(max_bad_samples=10))
+    tracemalloc.start()
+    try:
+        with pytest.warns(DataWarning, match=r"000000\.tar\.gz: skipped 1 sample: unreadable tar after 0 samples"):
+            assert list(read_shard(str(path), MODEL_SHAPE, 1, errors, FAST_RETRY, SampleDecoder(MODEL_SHAPE))) == []
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert errors.num_bad_shards == 1
+    assert peak_bytes < 64 << 20  # the member was never read (300 MB)
