@@ -251,7 +251,8 @@ def index_shards(spec: str, *, out: str | None = None, val: str | None = None, v
     urls = list_shards(spec)
     if val:
         val_urls = list_shards(val)
-        train_urls = [u for u in urls if u not in set(val_urls)]
+        held_out = set(val_urls)
+        train_urls = [u for u in urls if u not in held_out]
     else:
         if not 1 <= val_shards < len(urls):
             raise ValueError(f"{spec!r} names {len(urls)} shard(s); --val-shards {val_shards} must leave at "

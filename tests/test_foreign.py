@@ -328,3 +328,13 @@ def test_a_gzip_bomb_member_is_refused_before_it_is_read(tmp_path):
         tracemalloc.stop()
     assert errors.num_bad_shards == 1
     assert peak_bytes < 64 << 20  # the member was never read (300 MB)
+
+
+def test_index_takes_validation_shards_by_pattern(digits, tmp_path):
+    images, labels = digits
+    write_foreign(tmp_path, images[:160], labels[:160], ext="jpg", label="cls", per_shard=40)
+    manifest, _ = index_shards(f"{tmp_path}/{{000000..000003}}.tar", val=f"{tmp_path}/000001.tar", progress=False)
+    assert [s.name for s in manifest.splits["train"]] == ["000000.tar", "000002.tar", "000003.tar"]
+    assert [s.name for s in manifest.splits["val"]] == ["000001.tar"]
+    with pytest.raises(ValueError, match="--val-shards 4 must leave at least one for training"):
+        index_shards(f"{tmp_path}/{{000000..000003}}.tar", val_shards=4, progress=False)
