@@ -17,6 +17,7 @@ import numpy as np
 _KEPT = b'[]{}",'  # brackets, quotes (to find strings) and commas (to count values)
 _DROPPED = bytes(b for b in range(256) if b not in _KEPT)
 _STRING = re.compile(rb'"[^"]*"')
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
 _STEPS = np.zeros(256, np.int8)
 _STEPS[list(b"[{")] = 1
 _STEPS[list(b"]}")] = -1
@@ -63,11 +64,11 @@ def check_json_structure(body: bytes, limits: JsonLimits) -> None:
     if containers > limits.max_containers:
         raise JsonTooComplex(f"JSON body holds {containers:,} arrays and objects; at most "
                              f"{limits.max_containers:,} are accepted", 413)
-    nested = structure.replace(b",", b"")
-    for _ in range(limits.max_depth):  # each round removes the innermost level
-        nested = nested.replace(b"[]", b"").replace(b"{}", b"")
+    brackets = structure.replace(b",", b"")
+    nested = brackets
+    for _ in range(limits.max_depth):  # each pass removes exactly the innermost level
+        nested = _EMPTY_PAIR.sub(b"", nested)
     if nested:  # deeper than allowed, or malformed: measure (a malformed body within the depth goes on to the parser)
-        depth = int(np.cumsum(_STEPS[np.frombuffer(nested, np.uint8)], dtype=np.int64).max())
+        depth = int(np.cumsum(_STEPS[np.frombuffer(brackets, np.uint8)], dtype=np.int64).max())
         if depth > limits.max_depth:
-            raise JsonTooComplex(f"JSON body nests {depth + limits.max_depth} levels deep; at most "
-                                 f"{limits.max_depth} are accepted", 400)
+            raise JsonTooComplex(f"JSON body nests {depth} levels deep; at most {limits.max_depth} are accepted", 400)

@@ -8,6 +8,7 @@ and raw sockets.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import struct
@@ -22,6 +23,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from serve.json_limits import JsonLimits, JsonTooComplex, check_json_structure
 from serve.model_spec import ModelDirError
 from serve.runtime import NonFiniteOutput, VAERuntime
 from tests.conftest import REPO, VENV_BIN, subprocess_env
@@ -213,6 +215,28 @@ def test_brackets_inside_strings_do_not_count_as_nesting(server):
     assert refused.status_code == 400 and "nests 41 levels" in refused.text, refused.text
 
 
+LIMITS = JsonLimits(max_depth=5, max_containers=100, max_values=1000)
+
+
+@pytest.mark.parametrize("body, refusal", [
+    (b'{"images": [[[[0.5, 1]]]]}', None),
+    (b'{"images": [[[[[0.5]]]]]}', "nests 6 levels deep"),
+    (b'{"k": "[[[[[[[[", "images": [[[[0]]]]}', None),  # brackets in strings are text
+    (b'{"k": "\\\\", "z": [[[[[[0]]]]]]}', "nests 7 levels deep"),  # an escaped backslash ends no string early
+    (b'{"a": "\\"", "z": [[[[[[0]]]]]], "b": "x"}', "nests 7 levels deep"),  # an escaped quote opens none
+    (b"[" + b"[]," * 200 + b"[]]", "202 arrays and objects; at most 100"),
+    (b"[" + b"0," * 2000 + b"0]", "2,001 values; at most 1,000"),
+    (b"[1}", None),  # malformed, not too big: the parser reports it
+])
+def test_json_structure_is_measured_before_parsing(body, refusal):
+    json.loads(body) if refusal is None and body != b"[1}" else None  # the accepted ones are real JSON
+    if refusal is None:
+        check_json_structure(body, LIMITS)
+    else:
+        with pytest.raises(JsonTooComplex, match=re.escape(refusal)):
+            check_json_structure(body, LIMITS)
+
+
 def test_a_body_of_millions_of_empty_lists_is_refused_before_parsing(server):
     body = b'{"images": [' + b"[]," * 5_000_000 + b"[]]}"  # 15 MB, under the 16 MiB body limit
     peak = peak_rss_mb(server.process.pid)
@@ -239,6 +263,26 @@ def read_until_closed(sock: socket.socket) -> bytes:
         if not data:
             return received
         received += data
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length (head and body may arrive in separate reads)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return received
+
+
+def test_serve_http_has_connection_limit_flags_with_defaults():
+    from serve.__main__ import build_parser
+
+    args = build_parser().parse_args(["http", "--model", "m"])
+    assert (args.max_header_bytes, args.max_headers, args.header_timeout_s, args.body_timeout_s,
+            args.keep_alive_timeout_s, args.max_connections) == (16384, 100, 10.0, 30.0, 5, 1000)
 
 
 def test_an_oversized_request_head_gets_431(server):
@@ -288,7 +332,7 @@ def test_idle_keep_alive_connections_are_closed_and_busy_ones_serve(server):
     with raw_connection(server) as sock:
         for _ in range(3):  # one connection, several requests
             sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            assert read_response(sock).startswith(b"HTTP/1.1 200 ")
         assert read_until_closed(sock) == b""  # closed after --keep-alive-timeout-s, without an answer
 
 
@@ -297,7 +341,7 @@ def test_connections_past_max_connections_get_503(server):
     try:
         with raw_connection(server) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 503 ")
+            assert read_response(sock).startswith(b"HTTP/1.1 503 ")
     finally:
         for sock in held:
             sock.close()
