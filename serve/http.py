@@ -6,6 +6,11 @@ any field name, several files allowed) or as one raw image body (Content-Type: i
 Answers are JSON, or a PNG image/grid with `?format=png`. /healthz, /readyz, /metrics, /docs.
 JSON bodies to /v1/sample and /v1/decode take a shorter way past FastAPI's request machinery
 (`serve.fast_routes`): same models, same handlers, same answers.
+
+Requests are untrusted: request heads are bounded and slow clients cut off per connection
+(`serve.http_protocol`), bodies by size and JSON bodies by structure before parsing (`BodyLimit`,
+`serve.json_limits`), images by their declared pixel count before decoding (`VAERuntime.image_from_bytes`),
+and bodies are parsed and decoded on worker threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -183,8 +188,8 @@ class Service:
                                     registry=self.registry)
         self.queue_depth = Gauge("vae_queue_depth", "requests waiting for a device batch", ["graph"],
                                  registry=self.registry)
-        self.nonfinite = Counter("vae_nonfinite_outputs", "requests refused because a graph's output was NaN/Inf "
-                                 "or out of range", ["graph"], registry=self.registry)
+        self.nonfinite = Counter("vae_nonfinite_outputs", "requests answered 500 because a graph's output (or "
+                                 "the score) was NaN/Inf or out of range", ["graph"], registry=self.registry)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="device")  # one device call at a time
         # Request bodies (JSON, PNG) are parsed and decoded here, never on the event loop: a slow one would
         # hold up every other request, /healthz included.
@@ -238,12 +243,9 @@ class Service:
         """`function(*args)` on the parsing threads."""
         return await asyncio.get_running_loop().run_in_executor(self.parsing, function, *args)
 
-    def _checked(self, graph: str, names: list[str], outputs: list[np.ndarray]) -> list[np.ndarray]:
-        try:
-            check_outputs(graph, names, outputs)
-        except NonFiniteOutput:
-            self.nonfinite.labels(graph).inc()
-            raise
+    @staticmethod
+    def _checked(graph: str, names: list[str], outputs: list[np.ndarray]) -> list[np.ndarray]:
+        check_outputs(graph, names, outputs)  # per request: a NaN for one input fails only its own request
         return outputs
 
     async def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -504,7 +506,8 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         if isinstance(error, QueueFull):
             return JSONResponse({"detail": f"server busy: {error}; retry later"}, status_code=503,
                                 headers={"Retry-After": str(options.retry_after_s)})
-        if isinstance(error, NonFiniteOutput):  # counted in vae_nonfinite_outputs_total where it was found
+        if isinstance(error, NonFiniteOutput):
+            service.nonfinite.labels(error.graph).inc()
             log.error("%s", error)
             return JSONResponse({"detail": str(error)}, status_code=500)
         return None

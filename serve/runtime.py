@@ -76,6 +76,10 @@ class RuntimeOptions:
 class NonFiniteOutput(RuntimeError):
     """A graph produced NaN/Inf (or pixels outside [0, 1]): the model is broken, not the request."""
 
+    def __init__(self, message: str, graph: str) -> None:
+        super().__init__(message)
+        self.graph = graph
+
 
 def check_outputs(graph: str, names: list[str], arrays: list[np.ndarray]) -> None:
     """Raise NonFiniteOutput unless every output is finite and every `image` lies in [0, 1]."""
@@ -83,10 +87,10 @@ def check_outputs(graph: str, names: list[str], arrays: list[np.ndarray]) -> Non
         if not np.isfinite(array).all():
             rows = int((~np.isfinite(array.reshape(len(array), -1))).any(axis=1).sum()) if array.ndim else 1
             raise NonFiniteOutput(f"the {graph} graph's output {name!r} holds NaN or Inf in {rows} of "
-                                  f"{len(array)} rows: the model cannot answer this input")
+                                  f"{len(array)} rows: the model cannot answer this input", graph)
         if name == "image" and array.size and (array.min() < 0.0 or array.max() > 1.0):
             raise NonFiniteOutput(f"the {graph} graph's output 'image' lies in [{array.min():.4g}, "
-                                  f"{array.max():.4g}], not in [0, 1]: the model is broken")
+                                  f"{array.max():.4g}], not in [0, 1]: the model is broken", graph)
 
 
 def _dims(shape) -> str:
@@ -460,10 +464,17 @@ def score_from_parts(x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: n
     mean, logvar, eps = mean.astype(np.float64), logvar.astype(np.float64), eps.astype(np.float64)
     if method == "elbo":
         kl = 0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1.0 - logvar, axis=1)  # analytic, (B,)
-        return nll.mean(axis=0) + kl
+        return _finite_scores(nll.mean(axis=0) + kl)
     z = mean[None] + np.exp(0.5 * logvar)[None] * eps
     log_prior = -0.5 * np.sum(z ** 2 + LOG_2PI, axis=2)
     log_posterior = -0.5 * np.sum(eps ** 2 + LOG_2PI + logvar[None], axis=2)
     log_weights = -nll + log_prior - log_posterior  # (K, B)
     top = log_weights.max(axis=0)
-    return -(top + np.log(np.mean(np.exp(log_weights - top), axis=0)))
+    return _finite_scores(-(top + np.log(np.mean(np.exp(log_weights - top), axis=0))))
+
+
+def _finite_scores(scores: np.ndarray) -> np.ndarray:
+    if not np.isfinite(scores).all():
+        raise NonFiniteOutput(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} scores are not finite: the "
+                              "decoder's likelihood parameters do not fit these images", "score")
+    return scores

@@ -29,6 +29,8 @@ from serve.runtime import NonFiniteOutput, VAERuntime
 from tests.conftest import REPO, VENV_BIN, subprocess_env
 from tests.test_serve_http import Server, post
 
+pytestmark = pytest.mark.slow  # real server processes
+
 # ---------------------------------------------------------------- hostile model directories (item 13)
 
 
@@ -396,7 +398,7 @@ def test_the_openapi_document_matches_the_answers(server):
     failures = []
 
     @seed(12)
-    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=40, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(case=schema.as_strategy())
     def check(case):
