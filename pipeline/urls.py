@@ -6,7 +6,6 @@ Standard library (and webdataset's `gopen` for `pipe:` and other schemes) only, 
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
 import urllib.error
@@ -16,9 +15,10 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
+from pipeline.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_SUFFIXES, Manifest, check_shard_name,
+                               parse_manifest, read_manifest)
 
-SHARD_NAME = re.compile(r"([^/\s'\"?=]+\.tar)")
+_SHARD_IN_URL = re.compile(r"([^/\s'\"?=]+\.(?:tar\.gz|tgz|tar))")  # the operator's URL: any file-ish word
 
 
 class ShardOpenError(OSError):
@@ -59,19 +59,26 @@ def expand_urls(spec: str) -> list[str]:
 def is_shard_spec(location: str) -> bool:
     """True for a shard list (pattern, .tar URL, pipe: command), False for a directory/prefix."""
     return (location.startswith("pipe:") or "{" in location or "::" in location
-            or location.rstrip("/").endswith(".tar"))
+            or location.rstrip("/").endswith(SHARD_SUFFIXES))
 
 
 def shard_name(url: str) -> str:
     """The tar file name a URL or pipe: command refers to (its last `*.tar` word)."""
-    names = SHARD_NAME.findall(url)
+    names = _SHARD_IN_URL.findall(url)
     if not names:
         raise ValueError(f"{url!r}: no *.tar file name in it")
     return names[-1]
 
 
 def sibling(url: str, name: str) -> str:
-    """The URL (or pipe: command) for file `name` in the same place as shard URL `url`."""
+    """The URL (or pipe: command) for file `name` in the same place as shard URL `url`.
+
+    `name` is pasted into the URL, which for `pipe:` is a shell command: it must be manifest.json
+    or a plain shard file name (pipeline.manifest.SHARD_NAME), checked here, where it is pasted,
+    whatever checked it before.
+    """
+    if name != MANIFEST_NAME:
+        check_shard_name(name)
     own = shard_name(url)
     head, _, tail = url.rpartition(own)
     return head + name + tail
@@ -163,12 +170,15 @@ def read_manifest_at(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> Manifest:
     """The manifest at a path, URL or pipe: command; errors name where it was looked for."""
     if not is_remote(url) and not url.startswith("pipe:"):
         return read_manifest(Path(url.removeprefix("file://")).parent)
+    chunks, size = [], 0
     with open_url(url, retry) as stream:
-        data = stream.read()
-    try:
-        return Manifest.from_dict(json.loads(data))
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{url}: malformed manifest: {error}") from error
+        while size <= MAX_MANIFEST_BYTES:  # a remote manifest may be endless: read no more than the limit
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    return parse_manifest(b"".join(chunks), url)
 
 
 def resolve_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY
