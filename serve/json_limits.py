@@ -52,8 +52,8 @@ def check_json_structure(body: bytes, limits: JsonLimits) -> None:
     Strings are skipped (brackets and commas inside them do not count); malformed JSON is left for the parser.
     About one pass over the body in C (a 100 KB body of 16 images costs a fraction of parsing it).
     """
-    if len(body) < SMALL_BODY_BYTES and body.count(b"[") + body.count(b"{") <= limits.max_depth:
-        return  # too few arrays to nest too deep, too short for many values: the common small request
+    if len(body) <= min(SMALL_BODY_BYTES, limits.max_values) and body.count(b"[") + body.count(b"{") <= limits.max_depth:
+        return  # too few arrays to nest too deep, too short to hold too many values: the common small request
     if b"\\" in body:  # escaped backslashes and quotes go first, so every quote left opens or closes a string
         body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
     structure = body.translate(None, _DROPPED)
