@@ -29,10 +29,12 @@ $(dir $(PYTHON)).vae-installed: pyproject.toml constraints.txt | $(PYTHON)
 install: $(dir $(PYTHON)).vae-installed  ## create .venv (unless one is active) and install the project with [dev]
 
 demo: install  ## shards -> torchrun DDP training -> ONNX -> sample and reconstruction grids
+	bash scripts/ensure-fashion-mnist.sh
 	OUT=$(OUT) NPROC=$(NPROC) DEMO_SECONDS=$(DEMO_SECONDS) PYTHON=$(PYTHON) bash scripts/demo.sh
 
 test: install  ## run the whole test suite (end-to-end tests included)
 	bash scripts/ensure-postgres.sh
+	bash scripts/ensure-fashion-mnist.sh
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 k8s-check: install  ## validate the Kubernetes manifests and Dockerfiles offline (~40 s)

@@ -30,8 +30,8 @@ from pipeline.shards import write_shards  # noqa: E402
 from pipeline.sources import load_mnist5k  # noqa: E402
 
 
-def trainer_rate(images: torch.Tensor, batch_size: int, num_steps: int) -> tuple[float, str]:
-    """Samples/s one training process consumes with the default model and batch size.
+def trainer_rate(images: torch.Tensor, batch_size: int, num_steps: int, config=None) -> tuple[float, str]:
+    """Samples/s one training process consumes with the default model (or `config`'s) and batch size.
 
     Written against train's public model API (encode -> sample -> decode, kl) so it does not
     break when the trainer's internals move: forward, Bernoulli NLL + KL, backward, AdamW step.
@@ -40,7 +40,7 @@ def trainer_rate(images: torch.Tensor, batch_size: int, num_steps: int) -> tuple
     from train.model import build_model
     from train.precision import autocast, resolve_precision
 
-    config = build_config({})
+    config = config or build_config({})
     device = torch.device("cpu")
     precision = resolve_precision(config.run.precision, device)
     model = build_model(config.model).train()

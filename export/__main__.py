@@ -98,26 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validation_images(shards: str, max_images: int = 1024):
-    """Up to `max_images` real validation images as float32 (N, C, H, W) in [0, 1]."""
+def _validation_images(shards: str, config, max_images: int = 1024):
+    """Up to `max_images` real validation images as float32 (N, C, H, W) in [0, 1], read and fitted
+    to the model exactly as training read them (foreign shard sets included)."""
     import numpy as np
 
-    from pipeline.images import nhwc_to_nchw, to_unit_float
-    from pipeline.loader import open_split
-    from pipeline.shards import read_shard_images
+    from pipeline.data import open_train_val
+    from pipeline.images import to_unit_float
+    from pipeline.loader import iter_eval_batches
 
+    data, size = config.data, config.model.image_size
     try:
-        val = open_split(shards, "val")
+        _, val = open_train_val(shards, image_shape=(size, size, config.model.channels), image_key=data.image_key,
+                                label_key=data.label_key, samples_per_epoch=data.samples_per_epoch,
+                                val_location=data.val_shards if shards == data.shards else "", announce=False)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"no validation shards at {shards!r} ({error}); pass --shards DIR") from error
     batches, count = [], 0
-    for url in val.urls:
-        images, _ = read_shard_images(url, val.manifest.image_shape)
-        batches.append(images)
-        count += len(images)
+    for images, _, mask in iter_eval_batches(val, batch_size=256, rank=0, world_size=1):
+        batches.append(images[mask].numpy())
+        count += int(mask.sum())
         if count >= max_images:
             break
-    return nhwc_to_nchw(to_unit_float(np.concatenate(batches)[:max_images])).astype(np.float32)
+    return to_unit_float(np.concatenate(batches)[:max_images]).astype(np.float32)  # uint8 NCHW -> [0, 1]
 
 
 def _download_checkpoint(run_id: str, tracking_uri: str | None, into: Path) -> Path:
@@ -141,7 +144,7 @@ def export_main(args: argparse.Namespace) -> int:
         if args.weights == "raw" and weights == "ema":
             model.load_state_dict(state["model"])
             weights = "raw"
-        images = _validation_images(args.shards or config.data.shards)
+        images = _validation_images(args.shards or config.data.shards, config)
         result = export_verified(model, config, state, args.out, images, precisions=args.precision,
                                  opset=args.opset, weights=weights, optimize_for=args.optimize,
                                  tolerances={"fp32": args.tolerance, "fp16": args.tolerance_fp16})

@@ -26,6 +26,7 @@ EXTRA_MODULES = {
     "export": ("torch", "mlflow", "onnx", "onnxscript", "onnxruntime"),
     "analysis": ("pyarrow", "matplotlib"),
     "registry": ("mlflow",),
+    "stores": ("fsspec", "s3fs", "gcsfs"),
     "demo": ("mlxtend", "sklearn"),
 }
 

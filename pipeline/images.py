@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 from pathlib import Path
 
@@ -10,16 +11,44 @@ import numpy as np
 from PIL import Image
 
 
-def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
-    """Encode an HxWxC uint8 image (C is 1 or 3) as PNG bytes, losslessly (any compress_level 0-9)."""
+def _pil_image(image: np.ndarray) -> Image.Image:
+    """An HxWxC uint8 array (C is 1 or 3) as a Pillow image; anything else is refused by name."""
     if image.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {image.dtype}")
     if image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"expected an HxWxC image with C in (1, 3), got shape {image.shape}")
-    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+
+
+def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """Encode an HxWxC uint8 image (C is 1 or 3) as PNG bytes, losslessly (any compress_level 0-9)."""
     buffer = io.BytesIO()
     # Any fixed level is deterministic across runs, which keeps shards byte-identical.
-    pil.save(buffer, format="PNG", compress_level=compress_level)
+    _pil_image(image).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def check_quality(quality: int) -> None:
+    """A lossy encoder's quality: a whole number from 1 to 100, or a ValueError naming the value."""
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be a whole number from 1 to 100, got {quality!r}")
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """HxWxC uint8 (C is 1 or 3) as baseline JPEG; the same pixels and quality give the same bytes."""
+    check_quality(quality)
+    buffer = io.BytesIO()
+    # 4:4:4: colour kept at full resolution (Pillow's default 4:2:0 halves it, and a VAE learns
+    # whatever the codec smears). No EXIF, ICC or timestamps: bytes depend on pixels and quality only.
+    _pil_image(image).save(buffer, format="JPEG", quality=int(quality), subsampling=0)
+    return buffer.getvalue()
+
+
+def encode_webp(image: np.ndarray, quality: int = 90) -> bytes:
+    """HxWxC uint8 (C is 1 or 3) as lossy WebP (grey is stored as RGB); deterministic for fixed quality."""
+    check_quality(quality)
+    buffer = io.BytesIO()
+    _pil_image(image).save(buffer, format="WEBP", quality=int(quality), method=4)
     return buffer.getvalue()
 
 
@@ -163,29 +192,51 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 _NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?[a-z]\d+)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}")
+_NPY_MAX_HEADER_BYTES = 10_000  # numpy's own default limit on header size
 
 
-def decode_npy(data: bytes) -> np.ndarray:
-    """.npy bytes to an array; never unpickles; bad bytes raise ValueError.
+def _npy_header(data: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran_order, offset of the data) from .npy bytes; bad headers raise.
 
     The header numpy writes for a C-ordered array is parsed here directly: `np.load` parses it
-    with `ast.literal_eval`, which cost more than the rest of reading a 64-image block.
+    with `ast.literal_eval`, which cost more than the rest of reading a 64-image block. Others go
+    through numpy's own (size-limited, literal-only) header parser.
     """
     if data[:6] == b"\x93NUMPY" and len(data) > 12:
-        length_bytes = 2 if data[6] == 1 else 4
-        start = 8 + length_bytes
+        start = 8 + (2 if data[6] == 1 else 4)
         header_length = int.from_bytes(data[8:start], "little")
         match = _NPY_HEADER.match(data, start, start + header_length)
         if match:
-            dtype = np.dtype(match[1].decode("ascii"))
             shape = tuple(int(n) for n in match[2].split(b",") if n.strip())
-            count = int(np.prod(shape))
-            offset = start + header_length
-            if len(data) - offset != count * dtype.itemsize:
-                raise ValueError(f"undecodable .npy ({len(data)} bytes): header says {shape} "
-                                 f"{dtype}, {len(data) - offset} bytes of data")
-            return np.frombuffer(data, dtype, count, offset).reshape(shape)
+            return np.dtype(match[1].decode("ascii")), shape, False, start + header_length
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy version {version} is not read here (1.0 and 2.0 are)")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream, max_header_size=_NPY_MAX_HEADER_BYTES)
+    return dtype, shape, fortran_order, stream.tell()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """.npy bytes to a read-only array that views them; never unpickles; bad bytes raise ValueError.
+
+    The declared dtype and shape must account for exactly the bytes after the header, checked
+    before anything is made: the array is a view of `data`, so a header cannot make this allocate
+    (np.load allocates the declared size before it reads), and `data` itself is bounded by the
+    tar reader's member limit.
+    """
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as error:  # numpy raises ValueError, EOFError, OSError... for bad bytes
-        raise ValueError(f"undecodable .npy ({len(data)} bytes): {error}") from error
+        dtype, shape, fortran_order, offset = _npy_header(data)
+    except Exception as error:  # numpy raises ValueError, TypeError, SyntaxError... for bad headers
+        raise ValueError(f"undecodable .npy ({len(data)} bytes): {error}") from None
+    if dtype.hasobject:
+        raise ValueError(f"undecodable .npy ({len(data)} bytes): holds Python objects, which are never unpickled")
+    count = math.prod(shape)
+    if dtype.itemsize == 0 or min(shape, default=0) < 0 or count * dtype.itemsize != len(data) - offset:
+        raise ValueError(f"undecodable .npy ({len(data)} bytes): header declares {shape} {dtype} but holds "
+                         f"{len(data) - offset} bytes of data")
+    try:
+        return np.frombuffer(data, dtype, count, offset).reshape(shape, order="F" if fortran_order else "C")
+    except ValueError as error:  # e.g. a zero-size array with dimensions past numpy's limits
+        raise ValueError(f"undecodable .npy ({len(data)} bytes): {error}") from None

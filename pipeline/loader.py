@@ -9,10 +9,16 @@ own shards, so every rank always yields exactly that many full batches, whatever
 
 Shard order, the split of shards over (rank, worker) streams and the in-stream shuffle all derive
 from (seed, epoch), so a job restarted at epoch E reads epoch E exactly as an uninterrupted job.
+
+Without per-shard counts (a foreign set with no manifest), an epoch is `samples_per_epoch`
+samples and every stream draws shards at random with replacement (webdataset's `resampled=True`
+with `with_epoch`): still equal full batches on every rank, never a hang on uneven shards, but
+no promise that each sample is seen once per epoch.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -21,7 +27,7 @@ import tarfile
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import DataError, DataErrors, ErrorBudget
 from pipeline.manifest import Manifest
-from pipeline.shards import decode_samples, iter_tar_samples
+from pipeline.foreign import iter_shard_samples
+from pipeline.shards import decode_samples
 from pipeline.urls import DEFAULT_RETRY, RetryPolicy, ShardOpenError, open_url, resolve_split
 
 
@@ -40,10 +47,21 @@ class ShardSet:
     urls: list[str]
     counts: list[int]
     manifest: Manifest
+    decoder: Callable[[dict], tuple[np.ndarray, np.ndarray]] | None = None
+    """Sample -> ((n,H,W,C) uint8, (n,) int64); None: our own layouts (pipeline.shards.decode_samples)."""
+    samples_per_epoch: int = 0
+    """> 0: counts are unknown; an epoch is this many samples of shards drawn with replacement."""
 
     @property
     def num_samples(self) -> int:
-        return sum(self.counts)
+        return self.samples_per_epoch or sum(self.counts)
+
+    @property
+    def resampled(self) -> bool:
+        return self.samples_per_epoch > 0
+
+    def decode_fn(self) -> Callable[[dict], tuple[np.ndarray, np.ndarray]]:
+        return self.decoder or functools.partial(decode_samples, expected_shape=self.manifest.image_shape)
 
 
 def open_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY) -> ShardSet:
@@ -56,24 +74,28 @@ def open_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY) ->
 def _samples_in(sample: dict) -> int:
     """How many images a sample that failed to decode held (blocks list their keys)."""
     try:
-        return len(json.loads(sample["keys.json"])) if "keys.json" in sample else 1
-    except ValueError:
+        keys = json.loads(sample["keys.json"]) if "keys.json" in sample else None
+    except (ValueError, RecursionError):  # damaged, or nested deep enough to exhaust the stack
         return 1
+    return len(keys) if isinstance(keys, list) and keys else 1
 
 
 def read_shard(url: str, shape: tuple[int, int, int], expected: int | None, errors: DataErrors,
-               retry: RetryPolicy = DEFAULT_RETRY) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+               retry: RetryPolicy = DEFAULT_RETRY, decode: Callable | None = None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(images (n,H,W,C) uint8, labels (n,)) chunks of one shard, bad data skipped and counted.
 
     A URL that cannot be opened raises ShardOpenError (after retries). A tar that breaks
     part-way, or ends before the manifest's count, counts the missing samples as skipped.
+    `decode` turns a sample into images and labels (default: our own layouts at `shape`).
     """
+    decode = decode or functools.partial(decode_samples, expected_shape=shape)
     num_seen = 0
     try:
         with open_url(url, retry) as stream:
-            for sample in iter_tar_samples(stream, url):
+            for sample in iter_shard_samples(stream, url):
                 try:
-                    images, labels = decode_samples(sample, shape)
+                    images, labels = decode(sample)
                 except ValueError as error:
                     lost = _samples_in(sample)
                     num_seen += lost
@@ -91,6 +113,25 @@ def read_shard(url: str, shape: tuple[int, int, int], expected: int | None, erro
     if expected is not None and num_seen < expected:
         errors.skip(url, None, expected - num_seen,
                     f"tar ended after {num_seen} of {expected} samples (truncated?)", bad_shard=True)
+
+
+def read_shard_or_skip(url: str, shape: tuple[int, int, int], expected: int | None, errors: DataErrors,
+                      retry: RetryPolicy, decode: Callable, vanished: set[str] | None = None
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """read_shard, but a shard that cannot be opened (gone from the bucket mid-run, say) is a bad
+    shard: its samples (the manifest's count, else one) are skipped and counted within the budget.
+
+    A URL in `vanished` is passed over quietly: it was counted when first found gone, so a long run
+    is not stopped by counting the same missing shard again every pass.
+    """
+    if vanished is not None and url in vanished:
+        return
+    try:
+        yield from read_shard(url, shape, expected, errors, retry, decode)
+    except ShardOpenError as error:
+        if vanished is not None:
+            vanished.add(url)
+        errors.skip(url, None, max(1, expected or 0), str(error).removeprefix(f"{url}: "), bad_shard=True)
 
 
 def _to_batch(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +176,7 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.errors = errors or DataErrors()
         self.retry = retry
+        self._vanished: set[str] = set()  # per process: persistent workers count a vanished shard once
         # Shared memory, so persistent worker processes see the epoch the trainer sets.
         self._epoch = multiprocessing.Value("q", 0, lock=False)
 
@@ -155,6 +197,10 @@ class TrainStream(IterableDataset):
     def _my_shards(self, epoch: int, pass_number: int) -> list[int]:
         """Shard indices this (rank, worker) stream reads in one pass of this epoch."""
         stream, num_streams = self._stream_id()
+        if self.shards.resampled:  # about one stream's share of the shards, drawn with replacement
+            rng = np.random.default_rng([self.seed, epoch, pass_number, stream, 3])
+            draws = max(1, len(self.shards.urls) // num_streams)
+            return [int(i) for i in rng.integers(len(self.shards.urls), size=draws)]
         # Same permutation on every rank and worker (it depends on seed, epoch and pass only).
         order = np.random.default_rng([self.seed, epoch, pass_number]).permutation(len(self.shards.urls))
         if len(order) >= num_streams:
@@ -165,17 +211,23 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shape = self.shards.manifest.image_shape
+        decode = self.shards.decode_fn()
         batch = self.batch_size
         stream, _ = self._stream_id()
         epoch = self.epoch
         pool = _Pool()
+        # Drawing with replacement can pick only vanished shards a few times in a row by chance.
+        max_empty_passes = 10 if self.shards.resampled or len(self.shards.urls) > 1 else 1
+        empty_passes, vanished = 0, self._vanished
         for pass_number in itertools.count():
             rng = np.random.default_rng([self.seed, epoch, pass_number, stream, 2])
             num_before = pool.size
             num_added = 0
             for index in self._my_shards(epoch, pass_number):
-                url, expected = self.shards.urls[index], self.shards.counts[index]
-                for images, labels in read_shard(url, shape, expected, self.errors, self.retry):
+                url = self.shards.urls[index]
+                expected = self.shards.counts[index] if self.shards.counts else None
+                for images, labels in read_shard_or_skip(url, shape, expected, self.errors, self.retry,
+                                                         decode, vanished):
                     pool.add(images, labels)
                     num_added += len(images)
                     # Shuffle a window of 2 x shuffle_buffer, emit the first half as batches and
@@ -186,9 +238,10 @@ class TrainStream(IterableDataset):
                         for start in range(0, emit, batch):
                             yield _to_batch(x[start : start + batch], y[start : start + batch])
                         pool.add(x[emit:], y[emit:])
-            if num_added == 0 and num_before == pool.size:
-                raise DataError(f"a whole pass over shards {self._my_shards(epoch, pass_number)} of "
-                                f"{len(self.shards.urls)} shards gave no samples "
+            empty_passes = empty_passes + 1 if num_added == 0 and num_before == pool.size else 0
+            if empty_passes >= max_empty_passes:
+                raise DataError(f"{empty_passes} whole passes in a row over shards {self._my_shards(epoch, pass_number)} "
+                                f"of {len(self.shards.urls)} shards gave no samples "
                                 f"(first shard {self.shards.urls[0]})")
             # End of the pass: every full batch out; fewer than one batch carries to the next pass.
             x, y = pool.take_shuffled(rng)
@@ -221,7 +274,7 @@ def make_train_loader(shards: ShardSet, *, batch_size: int, rank: int, world_siz
     they read the epoch from shared memory when the next epoch's iterator starts.
     """
     num_streams = world_size * max(num_workers, 1)
-    if len(shards.urls) < num_streams and rank == 0:
+    if len(shards.urls) < num_streams and rank == 0 and not shards.resampled:
         warnings.warn(
             f"{len(shards.urls)} training shards for {num_streams} streams "
             f"({world_size} ranks x {max(num_workers, 1)} workers): resampling shards, so an "
@@ -247,12 +300,14 @@ def iter_eval_batches(shards: ShardSet, *, batch_size: int, rank: int, world_siz
     """
     errors = errors or DataErrors()
     shape = shards.manifest.image_shape
+    decode = shards.decode_fn()
     mine = list(range(rank, len(shards.urls), world_size))
     per_rank = [sum(shards.counts[i] for i in range(r, len(shards.urls), world_size))
                 for r in range(world_size)]
     num_batches = max(math.ceil(count / batch_size) for count in per_rank)
     chunks = (chunk for index in mine
-              for chunk in read_shard(shards.urls[index], shape, shards.counts[index], errors, retry))
+              for chunk in read_shard_or_skip(shards.urls[index], shape, shards.counts[index], errors,
+                                              retry, decode))
     pool = _Pool()
     for _ in range(num_batches):
         for images, labels in chunks:

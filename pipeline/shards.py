@@ -4,12 +4,15 @@ Layouts (recorded in manifest.json as `layout`):
 - "png": one image per sample, `KEY.png` + `KEY.cls` (label as ASCII): the plain WebDataset
   convention every WebDataset reader understands.
 - "npy": the same with the raw pixels as `KEY.npy` (HxWxC uint8).
+- "jpg" / "webp": the same with a lossy `KEY.jpg` (4:4:4) or `KEY.webp` at `quality` (recorded in
+  the manifest's `extra`): for large colour images, where PNG costs 2-6x their bytes.
 - "block": `samples_per_block` images per sample, `KEY.images.npy` ((n,H,W,C) uint8),
   `KEY.labels.npy` ((n,) int64) and `KEY.keys.json` (the n original sample keys). Still valid
   WebDataset (a reader sees pre-batched samples); it exists because Python tar-header parsing
   costs more than decoding a 28x28 image: one member per image caps a reader at a few thousand
   images/s (see BENCHMARKS.md, Loader).
-Tar headers carry fixed owner and mtime, so the same inputs always give byte-identical shards.
+Tar headers carry fixed owner and mtime and the encoders write no metadata, so the same inputs
+(and quality) always give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.images import decode_image, decode_npy, encode_npy, encode_png, fit_image
+from pipeline.images import (check_quality, decode_image, decode_npy, encode_jpeg, encode_npy, encode_png,
+                             encode_webp, fit_image)
 from pipeline.manifest import LAYOUTS, Manifest, ShardInfo, sha256_of, write_manifest
-from pipeline.sources import ImageSet, Source, stratified_split
+from pipeline.sources import ImageSet, Source, split_indices
 
 DEFAULT_LAYOUT = "auto"
 DEFAULT_SAMPLES_PER_BLOCK = 64
@@ -36,12 +40,22 @@ DEFAULT_SAMPLES_PER_BLOCK = 64
 # per-member cost dominates reading. Larger images are PNG: decoding dominates, and raw pixels
 # would multiply the bytes on disk and on the network.
 AUTO_BLOCK_MAX_IMAGE_BYTES = 16 * 1024
+# Lossy layouts and their default quality ("auto" never picks one: losing pixels is the user's call).
+# On 64x64 patches of scikit-learn's two sample photographs: JPEG 95 (4:4:4) 1.8 and WebP 90 3.1
+# grey levels RMS error, at 2.3x and 5.8x fewer bytes than PNG (4.6x and 12x fewer than raw pixels).
+LOSSY_ENCODERS = {"jpg": encode_jpeg, "webp": encode_webp}
+DEFAULT_QUALITY = {"jpg": 95, "webp": 90}
 
 
-def check_layout(layout: str) -> None:
-    """A layout name `write_shards` (and `serve generate --format wds`) accepts, or a ValueError."""
+def check_layout(layout: str, quality: int | None = None) -> None:
+    """A layout name (and quality) `write_shards` (and `serve generate --format wds`) accepts, or a ValueError."""
     if layout not in LAYOUTS + ("auto",):
         raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    if quality is not None:
+        if layout not in LOSSY_ENCODERS:
+            raise ValueError(f"quality applies to the lossy layouts {tuple(LOSSY_ENCODERS)}, "
+                             f"not to layout {layout!r}")
+        check_quality(quality)
 
 
 def resolve_layout(layout: str, image_shape: tuple[int, int, int]) -> str:
@@ -61,8 +75,11 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def write_tar(fileobj, keys: list[str], images: np.ndarray, labels: np.ndarray | None, *, layout: str,
-              samples_per_block: int, block_prefix: str) -> None:
-    """(N,H,W,C) uint8 images as one tar shard in `layout`; labels None (unlabelled) writes no label members."""
+              samples_per_block: int, block_prefix: str, quality: int | None = None) -> None:
+    """(N,H,W,C) uint8 images as one tar shard in `layout`; labels None (unlabelled) writes no label members.
+
+    `quality` is the jpg/webp encoder's (None: DEFAULT_QUALITY); other layouts are lossless.
+    """
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         if layout == "block":
             for number, start in enumerate(range(0, len(keys), samples_per_block)):
@@ -76,6 +93,9 @@ def write_tar(fileobj, keys: list[str], images: np.ndarray, labels: np.ndarray |
         for index, (key, image) in enumerate(zip(keys, images)):
             if layout == "png":
                 _add_member(tar, f"{key}.png", encode_png(image))
+            elif layout in LOSSY_ENCODERS:
+                _add_member(tar, f"{key}.{layout}",
+                            LOSSY_ENCODERS[layout](image, quality or DEFAULT_QUALITY[layout]))
             else:
                 _add_member(tar, f"{key}.npy", encode_npy(image))
             if labels is not None:
@@ -94,6 +114,7 @@ class ShardJob:
     image_shape: tuple[int, int, int]
     layout: str
     samples_per_block: int
+    quality: int | None = None
 
 
 def load_images(source: Source, keys: list[str], image_size: int | None, channels: int | None,
@@ -116,7 +137,7 @@ def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray]:
     temporary = job.path.with_suffix(".tar.tmp")
     with open(temporary, "wb") as handle:
         write_tar(handle, job.keys, images, job.source.labels, layout=job.layout,
-                   samples_per_block=job.samples_per_block, block_prefix=job.path.stem)
+                  samples_per_block=job.samples_per_block, block_prefix=job.path.stem, quality=job.quality)
     temporary.replace(job.path)
     flat = images.reshape(-1, images.shape[-1]).astype(np.int64)
     # Integer sums are exact, so the manifest's statistics do not depend on worker scheduling.
@@ -136,14 +157,14 @@ def _probe_shape(source: Source, index: int, image_size: int | None, channels: i
 
 
 def _samples_per_shard_for(source: Source, indices: np.ndarray, shard_size_mb: float, *,
-                           image_size, channels, image_shape, layout, samples_per_block) -> int:
+                           image_size, channels, image_shape, layout, samples_per_block, quality) -> int:
     """How many samples fill `shard_size_mb`, measured by writing a few of them (deterministic)."""
     probe = indices[: max(samples_per_block, 64)]
     keys = [f"probe-{i:07d}" for i in range(len(probe))]
     images = load_images(source.subset(probe), keys, image_size, channels, image_shape)
     buffer = io.BytesIO()
     write_tar(buffer, keys, images, source.labels[probe], layout=layout,
-               samples_per_block=samples_per_block, block_prefix="probe")
+              samples_per_block=samples_per_block, block_prefix="probe", quality=quality)
     bytes_per_sample = len(buffer.getvalue()) / len(probe)
     return max(1, int(shard_size_mb * (1 << 20) // bytes_per_sample))
 
@@ -154,7 +175,7 @@ def write_shards(
     *,
     samples_per_shard: int | None = 1000,
     shard_size_mb: float | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     seed: int = 0,
     num_workers: int = 1,
     force: bool = False,
@@ -163,12 +184,18 @@ def write_shards(
     channels: int | None = None,
     layout: str = DEFAULT_LAYOUT,
     samples_per_block: int = DEFAULT_SAMPLES_PER_BLOCK,
+    quality: int | None = None,
 ) -> Manifest:
-    """Split a source per class into train/val, shuffle, and write shards plus manifest.json."""
+    """Split a source into train/val, shuffle, and write shards plus manifest.json.
+
+    `val_fraction` None keeps a source's own split (Fashion-MNIST: test -> val) and holds out 10%
+    of every class of the others; a number always holds out that share of every class.
+    `quality` (1-100) is for the lossy layouts jpg and webp (None: DEFAULT_QUALITY).
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir} is not empty; pass --force to overwrite it")
-    check_layout(layout)
+    check_layout(layout, quality)
     if shard_size_mb is not None and shard_size_mb <= 0:
         raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
     if shard_size_mb is None and (samples_per_shard is None or samples_per_shard < 1):
@@ -180,13 +207,15 @@ def write_shards(
     if len(image_set.labels) < 2:
         raise ValueError(f"source {image_set.name}: {len(image_set.labels)} samples; need at least 2")
 
-    train_index, val_index = stratified_split(image_set.labels, val_fraction, seed)
+    train_index, val_index, split_rule = split_indices(image_set, val_fraction, seed)
     image_shape, image_size, channels = _probe_shape(image_set, int(train_index[0]), image_size, channels)
     layout = resolve_layout(layout, image_shape)
+    if layout in LOSSY_ENCODERS:
+        quality = quality or DEFAULT_QUALITY[layout]
     if shard_size_mb is not None:
         samples_per_shard = _samples_per_shard_for(
             image_set, train_index, shard_size_mb, image_size=image_size, channels=channels,
-            image_shape=image_shape, layout=layout, samples_per_block=samples_per_block)
+            image_shape=image_shape, layout=layout, samples_per_block=samples_per_block, quality=quality)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(out_dir.glob("*.tar")) + list(out_dir.glob("*.tar.tmp")):
@@ -197,7 +226,7 @@ def write_shards(
             chunk = indices[start : start + samples_per_shard]
             jobs.append(ShardJob(out_dir / f"{split}-{shard_number:06d}.tar",
                                  [f"{split}-{int(i):07d}" for i in chunk], image_set.subset(chunk),
-                                 image_size, channels, image_shape, layout, samples_per_block))
+                                 image_size, channels, image_shape, layout, samples_per_block, quality))
 
     bar = tqdm(total=len(train_index) + len(val_index), desc="writing shards", unit="img",
                disable=not progress, smoothing=0.1)
@@ -221,6 +250,13 @@ def write_shards(
     channel_var = np.maximum(sums[1] / (255.0**2 * count) - channel_mean**2, 0.0)
     pixel_mean = float(channel_mean.mean())
     pixel_var = float((channel_var + channel_mean**2).mean() - pixel_mean**2)
+    extra: dict = {"split": split_rule}  # "source": the source's own split kept; "stratified": per class
+    if image_set.labels.min() >= 0:
+        extra["class_counts"] = {
+            split: np.bincount(image_set.labels[index], minlength=int(image_set.labels.max()) + 1).tolist()
+            for split, index in (("train", train_index), ("val", val_index))}
+    if quality is not None:
+        extra["quality"] = quality  # jpg/webp: the encoder quality the images were written at
     manifest = Manifest(
         source=image_set.name,
         seed=seed,
@@ -235,94 +271,161 @@ def write_shards(
         channel_mean=tuple(float(m) for m in channel_mean),
         channel_std=tuple(float(s) for s in np.sqrt(channel_var)),
         class_names=tuple(image_set.class_names),
-        extra={"class_counts": {
-            split: np.bincount(image_set.labels[index], minlength=int(image_set.labels.max()) + 1).tolist()
-            for split, index in (("train", train_index), ("val", val_index))}} if image_set.labels.min() >= 0 else {},
+        extra=extra,
     )
     write_manifest(out_dir, manifest)
     return manifest
 
 
 class TarFormatError(tarfile.ReadError):
-    """A tar stream that is cut short or has a damaged header; the message says where."""
+    """A tar stream that is cut short or has a damaged header; the message names the shard and byte."""
 
 
+MAX_MEMBER_BYTES = 256 << 20
+"""Largest tar member read (a block of 64 images of 1024x1024 RGB is 192 MiB): a header declaring
+more makes the shard bad instead of costing that much memory."""
+_MAX_META_BYTES = 1 << 20  # GNU long names and pax headers are parsed whole: keep them small
+_READ_CHUNK = 1 << 20
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _FILE_TYPES = (b"0", b"\0", b"7")
+_META_TYPES = (b"L", b"x")
 
 
 def _read_exact(stream, size: int) -> bytes:
-    data = stream.read(size)
-    while 0 < len(data) < size:  # sockets and pipes may return less than asked
-        more = stream.read(size - len(data))
-        if not more:
+    """`size` bytes, or fewer where the stream ends. Past 1 MiB it reads in 1 MiB chunks, so a size
+    from a damaged header costs the memory of what the stream really holds, not of what it claims."""
+    if size <= _READ_CHUNK:
+        data = stream.read(size)
+        while 0 < len(data) < size:  # sockets and pipes may return less than asked
+            more = stream.read(size - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    parts, remaining = [], size
+    while remaining:
+        part = stream.read(min(remaining, _READ_CHUNK))
+        if not part:
             break
-        data += more
-    return data
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
 
 
-def _octal(field: bytes, offset: int) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values
+def _number(field: bytes) -> int:
+    """A tar header number: octal digits (NUL or space padded) or GNU base-256 (0x80 first); a
+    negative base-256 number, a sign or any other byte raises ValueError."""
+    if field[:1] == b"\x80":
         return int.from_bytes(field[1:], "big")
-    try:
-        return int(field.strip(b"\0 ") or b"0", 8)
-    except ValueError:
-        raise TarFormatError(f"bad number {field!r} in the header at byte {offset}") from None
+    digits = field.strip(b"\0 ")
+    if not digits.isdigit():
+        if digits:
+            raise ValueError(f"bad number {field!r}")
+        return 0
+    return int(digits, 8)  # 8 and 9 raise ValueError
 
 
 def _pax_records(payload: bytes) -> dict[str, str]:
+    """The `LENGTH KEY=VALUE\\n` records of a pax header; anything else raises ValueError.
+
+    Every record is checked to end inside the payload with a newline after a non-empty key, so each
+    one moves the position forward: a length of 0 (or negative, or not a number) cannot loop.
+    """
     records, position = {}, 0
-    while position < len(payload):
-        length_text, _, _ = payload[position : position + 20].partition(b" ")
-        length = int(length_text)
-        key, _, value = payload[position + len(length_text) + 1 : position + length - 1].partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8")
-        position += length
+    while position < len(payload) and payload[position]:  # NUL padding ends the records (as in tarfile)
+        space = payload.find(b" ", position, position + 20)
+        digits = payload[position:space]
+        if space < 0 or not digits.isdigit():
+            raise ValueError(f"record length {payload[position:position + 20]!r} is not a number")
+        end = position + int(digits)
+        key, equals, value = payload[space + 1 : end - 1].partition(b"=")
+        if not space + 4 <= end <= len(payload) or payload[end - 1] != 10 or not key or not equals:  # 10: b"\n"
+            raise ValueError(f"record {payload[position:min(end, position + 40)]!r} is not 'LENGTH KEY=VALUE\\n' "
+                             f"within the header's {len(payload)} bytes")
+        try:
+            records[key.decode("utf-8")] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"record {key[:40]!r} is not UTF-8") from None
+        position = end
     return records
 
 
-def iter_tar_members(stream) -> Iterator[tuple[str, bytes]]:
+def iter_tar_members(stream, source: str = "tar stream", max_member_bytes: int = MAX_MEMBER_BYTES
+                     ) -> Iterator[tuple[str, bytes]]:
     """(name, payload) of every regular file in a tar stream (ustar, GNU long names, pax).
 
     A small reader of our own instead of `tarfile`: parsing a header here costs a fraction of
-    what `tarfile` spends, which is most of the time for one-image-per-member shards, and it is
-    strict: a bad header checksum or a stream that ends before the end-of-archive blocks raises
-    TarFormatError (`tarfile`'s stream mode stops quietly at a cut between members).
+    what `tarfile` spends, which is most of the time for one-image-per-member shards. Shards are
+    untrusted, so it is strict: anything malformed (checksum, numbers, sizes over
+    `max_member_bytes`, pax records, names that are not UTF-8, a stream that ends before the
+    end-of-archive blocks) raises TarFormatError naming `source` and the byte offset, and no size
+    read from a header allocates more than the stream holds (`tarfile`'s stream mode stops quietly
+    at a cut between members).
     """
     offset = 0
     long_name: str | None = None
-    pax: dict[str, str] = {}
+    pax_path: str | None = None
+    pax_size: int | None = None
     while True:
         header = _read_exact(stream, _BLOCK)
         if len(header) < _BLOCK:
-            raise TarFormatError(f"stream ends at byte {offset + len(header)} without the end-of-archive blocks")
+            raise TarFormatError(f"{source}: stream ends at byte {offset + len(header)} without the "
+                                 "end-of-archive blocks")
         if header == _ZERO_BLOCK:
             return
-        stored = _octal(header[148:156], offset)
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
-            raise TarFormatError(f"bad header checksum at byte {offset}")
-        size = int(pax["size"]) if "size" in pax else _octal(header[124:136], offset)
+        at = offset
+        try:
+            if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+                raise ValueError
+        except ValueError:
+            raise TarFormatError(f"{source}: bad header checksum at byte {at}") from None
         kind = header[156:157]
+        if pax_size is not None:
+            size = pax_size
+        else:
+            try:
+                size = _number(header[124:136])
+            except ValueError:
+                raise TarFormatError(f"{source}: bad size field {header[124:136]!r} in the header "
+                                     f"at byte {at}") from None
+        if size > max_member_bytes or (size > _MAX_META_BYTES and kind in _META_TYPES):
+            raise TarFormatError(f"{source}: member at byte {at} declares size {size:,}, over the "
+                                 f"{max_member_bytes if kind not in _META_TYPES else _MAX_META_BYTES:,}-byte limit")
         payload = _read_exact(stream, size)
         if len(payload) < size:
-            raise TarFormatError(f"member at byte {offset} cut short: {len(payload)} of {size} bytes")
+            raise TarFormatError(f"{source}: member at byte {at} cut short: {len(payload)} of {size} bytes")
         padding = -size % _BLOCK
         if padding and len(_read_exact(stream, padding)) < padding:
-            raise TarFormatError(f"stream ends inside the padding after byte {offset + _BLOCK + size}")
+            raise TarFormatError(f"{source}: stream ends inside the padding after byte {at + _BLOCK + size}")
         offset += _BLOCK + size + padding
         if kind == b"L":  # GNU long name for the next member
-            long_name = payload.rstrip(b"\0").decode("utf-8")
+            try:
+                long_name = payload.rstrip(b"\0").decode("utf-8")
+            except UnicodeDecodeError:
+                raise TarFormatError(f"{source}: GNU long name at byte {at} is not UTF-8") from None
             continue
         if kind == b"x":  # pax extended header for the next member
-            pax = _pax_records(payload)
+            try:
+                records = _pax_records(payload)
+                pax_path = records.get("path")
+                if "size" in records:
+                    if not (records["size"].isascii() and records["size"].isdigit()):
+                        raise ValueError(f"size {records['size'][:40]!r} is not a number")
+                    pax_size = int(records["size"])
+                    if pax_size > max_member_bytes:
+                        raise ValueError(f"size {pax_size:,} is over the {max_member_bytes:,}-byte limit")
+            except ValueError as error:  # also int()'s limit on digits
+                raise TarFormatError(f"{source}: bad pax header at byte {at}: {error}") from None
             continue
         if kind in _FILE_TYPES:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
-            name = pax.get("path") or long_name or (f"{prefix}/{name}" if prefix else name)
-            yield name, payload
-        long_name, pax = None, {}
+            try:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            except UnicodeDecodeError:
+                raise TarFormatError(f"{source}: member name at byte {at} is not UTF-8") from None
+            yield pax_path or long_name or (f"{prefix}/{name}" if prefix else name), payload
+        long_name = pax_path = pax_size = None
 
 
 def iter_tar_samples(fileobj, source_name: str) -> Iterator[dict]:
@@ -332,7 +435,7 @@ def iter_tar_samples(fileobj, source_name: str) -> Iterator[dict]:
     `blk.images.npy` has key `blk` and extension `images.npy`.
     """
     current: dict | None = None
-    for name, payload in iter_tar_members(fileobj):
+    for name, payload in iter_tar_members(fileobj, source_name):
         folder, slash, base = name.rpartition("/")
         stem, _, extension = base.partition(".")
         key = folder + slash + stem
@@ -351,13 +454,15 @@ def _fields(sample: dict) -> list[str]:
 
 
 def decode_sample(sample: dict, expected_shape: tuple[int, int, int]) -> tuple[np.ndarray, int]:
-    """A one-image `{png|npy, cls}` sample to (HxWxC uint8 image, label); problems raise ValueError."""
+    """A one-image `{png|jpg|webp|npy, cls}` sample to (HxWxC uint8 image, label); problems raise ValueError."""
     key = sample.get("__key__", "?")
-    if "png" not in sample and "npy" not in sample:
-        raise ValueError(f"sample {key}: no png or npy member (has {_fields(sample)})")
+    encoded = next((ext for ext in ("png", "jpg", "webp") if ext in sample), None)
+    if encoded is None and "npy" not in sample:
+        raise ValueError(f"sample {key}: no png, jpg, webp or npy member (has {_fields(sample)})")
     try:
-        if "png" in sample:
-            image = decode_image(sample["png"], channels=expected_shape[2])
+        if encoded is not None:  # anything over the manifest's size is refused at the header, before decoding
+            image = decode_image(sample[encoded], channels=expected_shape[2],
+                                 max_pixels=expected_shape[0] * expected_shape[1])
         else:
             image = decode_npy(sample["npy"])
     except ValueError as error:
@@ -388,7 +493,13 @@ def decode_samples(sample: dict, expected_shape: tuple[int, int, int]
         raise ValueError(f"block {key}: expected uint8 (n, {', '.join(map(str, expected_shape))}) "
                          f"images, got {images.dtype} {images.shape}")
     if "labels.npy" in sample:
-        labels = decode_npy(sample["labels.npy"]).astype(np.int64, copy=False).reshape(-1)
+        try:
+            labels = decode_npy(sample["labels.npy"])
+        except ValueError as error:
+            raise ValueError(f"block {key} labels: {error}") from None
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"block {key}: expected integer labels, got {labels.dtype}")
+        labels = labels.astype(np.int64, copy=False).reshape(-1)
     else:
         labels = np.full(len(images), -1, dtype=np.int64)
     if len(labels) != len(images):

@@ -1,12 +1,13 @@
-"""Where shards live: local paths, brace patterns, http(s):// URLs and `pipe:` commands.
+"""Where shards live: local paths, brace patterns, http(s):// URLs, object stores and `pipe:` commands.
 
-Standard library (and webdataset's `gopen` for `pipe:` and other schemes) only, no torch.
+Standard library, fsspec for object stores (pipeline.stores) and webdataset's `gopen` for `pipe:`
+and other schemes; no torch.
 """
 
 from __future__ import annotations
 
 import io
-import json
+import random
 import re
 import time
 import urllib.error
@@ -16,9 +17,15 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
+from pipeline.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_SUFFIXES, Manifest, check_shard_name,
+                               parse_manifest, read_manifest)
 
-SHARD_NAME = re.compile(r"([^/\s'\"?=]+\.tar)")
+_SHARD_IN_URL = re.compile(r"([^/\s'\"?=]+\.(?:tar\.gz|tgz|tar))")  # the operator's URL: any file-ish word
+from pipeline.stores import is_store_url, open_store
+
+# Not seeded from anything ranks share: ranks (and DataLoader workers, which copy their parent's
+# `random` state) must not wait the same time and retry in step against the same store.
+_JITTER = random.SystemRandom()
 
 
 class ShardOpenError(OSError):
@@ -36,9 +43,16 @@ class RetryPolicy:
     attempts: int = 4
     """Tries per URL (1 means no retry); local paths are never retried."""
     backoff_s: float = 0.5
-    """Wait before the second try; doubled for every further try."""
+    """Longest wait before the second try (the wait is jittered in [half, all] of it); doubled for every further try."""
     timeout_s: float = 60.0
     """Socket timeout for http(s) connections and reads."""
+
+    def delay_s(self, retry_number: int) -> float:
+        """Wait before retry `retry_number` (1 = the first): exponential back-off with "equal jitter",
+        uniform in [b/2, b] for b = backoff_s * 2**(retry_number-1): the wait still grows, and ranks
+        that failed together spread their retries instead of hitting the store at the same moment."""
+        limit = self.backoff_s * 2 ** (retry_number - 1)
+        return _JITTER.uniform(limit / 2, limit)
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -59,19 +73,26 @@ def expand_urls(spec: str) -> list[str]:
 def is_shard_spec(location: str) -> bool:
     """True for a shard list (pattern, .tar URL, pipe: command), False for a directory/prefix."""
     return (location.startswith("pipe:") or "{" in location or "::" in location
-            or location.rstrip("/").endswith(".tar"))
+            or location.rstrip("/").endswith(SHARD_SUFFIXES))
 
 
 def shard_name(url: str) -> str:
-    """The tar file name a URL or pipe: command refers to (its last `*.tar` word)."""
-    names = SHARD_NAME.findall(url)
+    """The tar file name a URL or pipe: command refers to (its last `*.tar`, `*.tar.gz`, `*.tgz` word)."""
+    names = _SHARD_IN_URL.findall(url)
     if not names:
-        raise ValueError(f"{url!r}: no *.tar file name in it")
+        raise ValueError(f"{url!r}: no *.tar, *.tar.gz or *.tgz file name in it")
     return names[-1]
 
 
 def sibling(url: str, name: str) -> str:
-    """The URL (or pipe: command) for file `name` in the same place as shard URL `url`."""
+    """The URL (or pipe: command) for file `name` in the same place as shard URL `url`.
+
+    `name` is pasted into the URL, which for `pipe:` is a shell command: it must be manifest.json
+    or a plain shard file name (pipeline.manifest.SHARD_NAME), checked here, where it is pasted,
+    whatever checked it before.
+    """
+    if name != MANIFEST_NAME:
+        check_shard_name(name)
     own = shard_name(url)
     head, _, tail = url.rpartition(own)
     return head + name + tail
@@ -108,6 +129,8 @@ class _Prefixed(io.RawIOBase):
 def _open_once(url: str, timeout_s: float):
     if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=timeout_s)
+    if is_store_url(url):
+        return open_store(url, timeout_s)
     from webdataset.gopen import gopen, gopen_schemes
 
     scheme = url.split("://", 1)[0] if not url.startswith("pipe:") else "pipe"
@@ -123,8 +146,8 @@ def _open_once(url: str, timeout_s: float):
 
 
 def _retryable(error: Exception) -> bool:
-    if isinstance(error, UnsupportedURLError):
-        return False
+    if isinstance(error, (UnsupportedURLError, FileNotFoundError, PermissionError, ImportError)):
+        return False  # an object that is not there, or not ours to read, will not appear on retry
     if isinstance(error, urllib.error.HTTPError):
         return error.code >= 500 or error.code in (408, 429)
     return isinstance(error, (OSError, ValueError))
@@ -133,7 +156,8 @@ def _retryable(error: Exception) -> bool:
 def open_url(url: str, retry: RetryPolicy = DEFAULT_RETRY):
     """A readable binary stream for a local path, file://, http(s)://, pipe: or gopen URL.
 
-    Remote URLs are retried with exponential back-off (not 4xx answers, which will not change);
+    Remote URLs are retried with jittered exponential back-off (not 4xx answers or missing
+    objects, which will not change);
     the final error names the URL and the number of attempts.
     """
     if not is_remote(url) and not url.startswith("pipe:"):
@@ -146,7 +170,7 @@ def open_url(url: str, retry: RetryPolicy = DEFAULT_RETRY):
     attempts = max(1, retry.attempts)
     for attempt in range(attempts):
         if attempt:
-            time.sleep(retry.backoff_s * 2 ** (attempt - 1))
+            time.sleep(retry.delay_s(attempt))
         try:
             return _open_once(url, retry.timeout_s)
         except UnsupportedURLError:
@@ -161,14 +185,32 @@ def open_url(url: str, retry: RetryPolicy = DEFAULT_RETRY):
 
 def read_manifest_at(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> Manifest:
     """The manifest at a path, URL or pipe: command; errors name where it was looked for."""
-    if not is_remote(url) and not url.startswith("pipe:"):
+    local = not is_remote(url) and not url.startswith("pipe:")
+    if local and Path(url).name == MANIFEST_NAME:
         return read_manifest(Path(url.removeprefix("file://")).parent)
+    if local and not Path(url.removeprefix("file://")).is_file():
+        raise FileNotFoundError(f"no manifest at {url}")
+    chunks, size = [], 0
     with open_url(url, retry) as stream:
-        data = stream.read()
-    try:
-        return Manifest.from_dict(json.loads(data))
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{url}: malformed manifest: {error}") from error
+        while size <= MAX_MANIFEST_BYTES:  # a remote manifest may be endless: read no more than the limit
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    return parse_manifest(b"".join(chunks), url)
+
+
+def _shards_base(manifest: Manifest, location: str) -> str:
+    """Where the shards of a manifest at `location` are: its folder, or the folder `pipeline index
+    --out` recorded. That record comes from a file, so it may name a folder, never a command."""
+    base = manifest.extra.get("index", {}).get("base") if isinstance(manifest.extra.get("index"), dict) else None
+    if base is None:
+        return location.rpartition("/")[0] or "."
+    if not isinstance(base, str) or base.startswith("pipe:") or not (is_remote(base) or base.startswith("/")) or any(
+            c in base for c in "\n\r\0"):
+        raise ValueError(f"{location}: extra.index.base {str(base)[:80]!r} is not a folder URL or absolute path")
+    return base.rstrip("/")
 
 
 def resolve_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY
@@ -179,6 +221,11 @@ def resolve_split(location: str, split: str, retry: RetryPolicy = DEFAULT_RETRY
     pipe: command) finds manifest.json beside its first shard. A shard list of another split
     (the trainer asks for "val" with a train pattern) means that split's shards in the same place.
     """
+    if location.endswith(".json"):  # a manifest written elsewhere (`pipeline index --out`)
+        manifest = read_manifest_at(location, retry)
+        base = _shards_base(manifest, location)
+        infos = manifest.shards(split)
+        return [f"{base}/{info.name}" for info in infos], [i.num_samples for i in infos], manifest
     if is_shard_spec(location):
         urls = expand_urls(location)
         manifest = read_manifest_at(sibling(urls[0], MANIFEST_NAME), retry)

@@ -11,7 +11,9 @@ from pipeline.shards import decode_samples, iter_tar_samples
 
 
 def _layout_of(sample: dict) -> str:
-    return "block" if "images.npy" in sample else "png" if "png" in sample else "npy" if "npy" in sample else "?"
+    if "images.npy" in sample:
+        return "block"
+    return next((ext for ext in ("png", "jpg", "webp", "npy") if ext in sample), "?")
 
 
 def verify_directory(directory: str | Path) -> list[str]:

@@ -133,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--max-body-bytes", type=int, default=16 << 20, help="largest request body (413 past it)")
     http.add_argument("--threshold-file", default=None, help="anomaly threshold JSON from `score --calibrate`")
     http.add_argument("--graceful-timeout-s", type=float, default=30.0, help="how long shutdown waits for requests")
+    limits = http.add_argument_group("connection limits (what a client may send, and how slowly)")
+    limits.add_argument("--max-header-bytes", type=int, default=16 << 10,
+                        help="most bytes in a request's head (request line and headers); 431 past it")
+    limits.add_argument("--max-headers", type=int, default=100, help="most header lines per request; 431 past it")
+    limits.add_argument("--header-timeout-s", type=float, default=10.0,
+                        help="longest wait for a request's head, from the connection's opening or the request's "
+                             "first byte (slow or silent clients get 408 and are disconnected)")
+    limits.add_argument("--body-timeout-s", type=float, default=30.0,
+                        help="longest wait for a request's whole body after its head; 408 past it")
+    limits.add_argument("--keep-alive-timeout-s", type=int, default=5,
+                        help="an idle keep-alive connection is closed after this many seconds")
+    limits.add_argument("--max-connections", type=int, default=1000,
+                        help="open connections and requests in flight past which new requests get 503")
     http.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser
 
@@ -152,7 +165,7 @@ def load_runtime(args):
 def read_input(location: str, runtime, split: str = "val", limit: int = 0
                ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(x float (N, C, H, W) in [0, 1], labels or None, keys) from shards, an image folder or one image."""
-    from pipeline.images import decode_image, nhwc_to_nchw, to_unit_float
+    from pipeline.images import nhwc_to_nchw, to_unit_float
 
     path = Path(location)
     channels, height, width = runtime.image_shape
@@ -189,10 +202,10 @@ def read_input(location: str, runtime, split: str = "val", limit: int = 0
         raise ValueError(f"--input {location}: no images found (png, jpg, bmp, gif, webp)")
     images, labels = [], []
     for file in files:
-        image = decode_image(file.read_bytes(), channels=channels)
-        if image.shape != (height, width, channels):
-            raise ValueError(f"{file}: expected {height}x{width}x{channels}, got {image.shape}")
-        images.append(image)
+        try:
+            images.append(runtime.image_from_bytes(file.read_bytes()))
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from error
         labels.append(int(file.parent.name) if file.parent.name.isdigit() and file.parent != path else -1)
     label_array = np.asarray(labels, np.int64)
     keys = [str(f.relative_to(path) if path.is_dir() else f.name) for f in files]
@@ -363,7 +376,8 @@ def run_traverse(runtime, args) -> None:
 
 def run_http(runtime, args) -> None:
     from serve.batching import BatchingOptions
-    from serve.http import TOKEN_ENV, ServiceOptions, serve
+    from serve.http import TOKEN_ENV, ServerOptions, ServiceOptions, serve
+    from serve.http_protocol import ConnectionLimits
 
     threshold, threshold_score = read_threshold(args.threshold_file) if args.threshold_file else (None, ("elbo", "none"))
     options = ServiceOptions(
@@ -373,8 +387,11 @@ def run_http(runtime, args) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not options.token:
         print(f"warning: binding {args.host} without ${TOKEN_ENV}: anyone who can reach it can use it",
               file=sys.stderr)
-    serve(runtime, options, host=args.host, port=args.port, graceful_timeout_s=args.graceful_timeout_s,
-          log_level=args.log_level)
+    server = ServerOptions(
+        ConnectionLimits(args.max_header_bytes, args.max_headers, args.header_timeout_s, args.body_timeout_s),
+        keep_alive_timeout_s=args.keep_alive_timeout_s, max_connections=args.max_connections,
+        graceful_timeout_s=args.graceful_timeout_s)
+    serve(runtime, options, host=args.host, port=args.port, server=server, log_level=args.log_level)
 
 
 COMMANDS = {"generate": run_generate, "reconstruct": run_reconstruct, "encode": run_encode, "score": run_score,

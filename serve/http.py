@@ -6,6 +6,11 @@ any field name, several files allowed) or as one raw image body (Content-Type: i
 Answers are JSON, or a PNG image/grid with `?format=png`. /healthz, /readyz, /metrics, /docs.
 JSON bodies to /v1/sample and /v1/decode take a shorter way past FastAPI's request machinery
 (`serve.fast_routes`): same models, same handlers, same answers.
+
+Requests are untrusted: request heads are bounded and slow clients cut off per connection
+(`serve.http_protocol`), bodies by size and JSON bodies by structure before parsing (`BodyLimit`,
+`serve.json_limits`), images by their declared pixel count before decoding (`VAERuntime.image_from_bytes`),
+and bodies are parsed and decoded on worker threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -29,13 +34,16 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictFloat
 
-from pipeline.images import decode_image, encode_png, make_grid, nchw_to_nhwc, nhwc_to_nchw, to_uint8, to_unit_float
+from pipeline.images import (ImageTooLargeError, encode_png, make_grid, nchw_to_nhwc, nhwc_to_nchw, to_uint8,
+                             to_unit_float)
 from serve.batching import BatchingOptions, DynamicBatcher, QueueFull
 from serve.fast_routes import FastJsonRoutes, FastRoute, header
-from serve.runtime import (LOGVAR_MAX, LOGVAR_MIN, VAERuntime, complexity_nats, interpolate_latents, latents_for_score,
-                           score_from_parts, score_noise)
+from serve.http_protocol import TIMED_OUT_STATUS, ConnectionLimits, limited_protocol
+from serve.json_limits import JsonLimits, JsonTooComplex, check_json_structure
+from serve.runtime import (LOGVAR_MAX, LOGVAR_MIN, NonFiniteOutput, VAERuntime, check_outputs, complexity_nats,
+                           interpolate_latents, latents_for_score, score_from_parts, score_noise)
 
 TOKEN_ENV = "VAE_SERVE_TOKEN"
 Output = Literal["json", "png"]
@@ -82,11 +90,8 @@ class SampleRequest(BaseModel):
 
 
 class DecodeRequest(BaseModel):
-    z: list[list[float]] = Field(..., description="latents (B, latent_dim)")
-
-
-class ImagesBody(BaseModel):
-    images: list[list[list[list[float]]]] = Field(..., description="(B, C, H, W) floats in [0, 1]")
+    # Strict: JSON numbers only, as /v1/encode takes them (lax floats read `true` as 1.0 and "1.5" as 1.5).
+    z: list[list[StrictFloat]] = Field(..., description="latents (B, latent_dim)")
 
 
 class ImagesResponse(BaseModel):
@@ -112,14 +117,54 @@ class ScoreResponse(BaseModel):
     is_anomaly: list[bool] | None = None
 
 
-IMAGE_BODY = {
-    "requestBody": {"required": True, "content": {
-        "application/json": {"schema": ImagesBody.model_json_schema()},
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error the service answers: a message, or (for a body that fails its schema) one entry per problem."""
+
+    detail: str | list[ValidationIssue]
+
+
+class StatusResponse(BaseModel):
+    status: str
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
+    400: "malformed body (not JSON, JSON nested too deep, a broken multipart body)",
+    401: "missing or wrong bearer token (when $VAE_SERVE_TOKEN is set)",
+    413: "body, image or batch past a limit",
+    415: "unsupported Content-Type",
+    422: "the body or a parameter is not what the endpoint takes",
+    500: "the model produced NaN/Inf or pixels outside [0, 1] for this input",
+    503: "server busy (Retry-After says when to retry)",
+}.items()}
+PNG_ANSWER = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                    "description": "JSON, or a PNG image or grid with ?format=png"}}
+
+
+
+def _exactly(item: dict, count: int) -> dict:
+    return {"type": "array", "items": item, "minItems": count, "maxItems": count}
+
+
+def image_body(image_shape: tuple[int, int, int], min_images: int, max_images: int) -> dict:
+    """The documented request body of an image endpoint (`openapi_extra`): JSON arrays of the model's exact
+    shape, PNG uploads, or one raw PNG."""
+    channels, height, width = image_shape
+    pixel = {"type": "number", "minimum": 0.0, "maximum": 1.0}
+    images = {"type": "array", "items": _exactly(_exactly(_exactly(pixel, width), height), channels),
+              "minItems": min_images, "maxItems": max_images,
+              "description": f"(B, {channels}, {height}, {width}) floats in [0, 1]"}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {"images": images}}},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
         "image/png": {"schema": {"type": "string", "format": "binary"}},
-    }}
-}
+    }}}
 
 
 # ---------------------------------------------------------------- the application
@@ -131,6 +176,7 @@ class Service:
         self.runtime = runtime
         self.options = options
         self.ready = False
+        self.not_ready_reason = "warming up"
         self.registry = CollectorRegistry()
         self.requests = Counter("vae_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
@@ -142,32 +188,45 @@ class Service:
                                     registry=self.registry)
         self.queue_depth = Gauge("vae_queue_depth", "requests waiting for a device batch", ["graph"],
                                  registry=self.registry)
+        self.nonfinite = Counter("vae_nonfinite_outputs", "requests answered 500 because a graph's output (or "
+                                 "the score) was NaN/Inf or out of range", ["graph"], registry=self.registry)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="device")  # one device call at a time
+        # Request bodies (JSON, PNG) are parsed and decoded here, never on the event loop: a slow one would
+        # hold up every other request, /healthz included.
+        self.parsing = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="parse")
         self.encoder: DynamicBatcher | None = None
         self.decoder: DynamicBatcher | None = None
 
     def start(self) -> None:
         batching = self.options.batching
         self.encoder = DynamicBatcher(
-            "encoder", lambda x: self.runtime.encoder.run(x, ["mean", "logvar"], self.runtime.batch_size), batching,
+            "encoder", lambda x: self.runtime.encoder.run(x, ["mean", "logvar"], self.runtime.batch_size, check=False),
+            batching,
             self.executor, on_batch=self.batch_rows.labels("encoder").observe,
             on_depth=self.queue_depth.labels("encoder").set)
         self.decoder = DynamicBatcher(
-            "decoder", lambda z: self.runtime.decoder.run(z, ["params", "image"], self.runtime.batch_size), batching,
+            "decoder", lambda z: self.runtime.decoder.run(z, ["params", "image"], self.runtime.batch_size, check=False),
+            batching,
             self.executor, on_batch=self.batch_rows.labels("decoder").observe,
             on_depth=self.queue_depth.labels("decoder").set)
         self.encoder.start()
         self.decoder.start()
 
     async def warm_up(self) -> None:
-        """One small and one full batch through each graph (first calls allocate and optimise)."""
+        """One small and one full batch through each graph (first calls allocate and optimise), outputs checked:
+        ready means the model answers correctly (the runtime's self-check passed at load as well)."""
         loop = asyncio.get_running_loop()
         channels, height, width = self.runtime.image_shape
-        for rows in sorted({1, self.options.batching.max_batch_size}):
-            x = np.full((rows, channels, height, width), 0.5, np.float32)
-            z = np.zeros((rows, self.runtime.latent_dim), np.float32)
-            await loop.run_in_executor(self.executor, self.runtime.encoder.run, x, ["mean", "logvar"], rows)
-            await loop.run_in_executor(self.executor, self.runtime.decoder.run, z, ["params", "image"], rows)
+        try:
+            for rows in sorted({1, self.options.batching.max_batch_size}):
+                x = np.full((rows, channels, height, width), 0.5, np.float32)
+                z = np.zeros((rows, self.runtime.latent_dim), np.float32)
+                await loop.run_in_executor(self.executor, self.runtime.encoder.run, x, ["mean", "logvar"], rows)
+                await loop.run_in_executor(self.executor, self.runtime.decoder.run, z, ["params", "image"], rows)
+        except NonFiniteOutput as error:
+            self.not_ready_reason = f"warm-up failed: {error}"
+            log.error("not ready: %s", self.not_ready_reason)
+            return
         # Everything loaded so far lives as long as the process: moving it out of the collector's reach
         # keeps full collections short. Their pauses were the p99 tail under load (BENCHMARKS.md, Serving).
         gc.freeze()
@@ -178,27 +237,49 @@ class Service:
             if batcher is not None:
                 await batcher.stop()
         self.executor.shutdown(wait=True)
+        self.parsing.shutdown(wait=True)
+
+    async def off_loop(self, function, *args):
+        """`function(*args)` on the parsing threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.parsing, function, *args)
+
+    @staticmethod
+    def _checked(graph: str, names: list[str], outputs: list[np.ndarray]) -> list[np.ndarray]:
+        check_outputs(graph, names, outputs)  # per request: a NaN for one input fails only its own request
+        return outputs
 
     async def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mean, logvar = await self.encoder.submit(x)
+        mean, logvar = self._checked("encoder", ["mean", "logvar"], await self.encoder.submit(x))
         return mean, np.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
     async def decode(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        params, image = await self.decoder.submit(np.ascontiguousarray(z, dtype=np.float32))
+        params, image = self._checked("decoder", ["params", "image"],
+                                      await self.decoder.submit(np.ascontiguousarray(z, dtype=np.float32)))
         return params, image
 
 
-class BodyLimit:
-    """Refuse bodies over `max_body_bytes`: by Content-Length at once, or while a chunked body streams in.
+def _is_json_content(scope) -> bool:
+    """No Content-Type, application/json or application/*+json: bodies FastAPI or the service read as JSON."""
+    content_type = header(scope, b"content-type")
+    if content_type is None:
+        return True
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
-    A streamed excess raises HTTPException(413) from `receive`, inside the route, which answers it as a
-    JSON 413 before any response has started. An HTTPException, not our BadInput: FastAPI turns any
-    other error raised while it parses a body model into a 400 "error parsing the body".
+
+class BodyLimit:
+    """Refuse bodies over `max_body_bytes` (by Content-Length at once, or while a chunked body streams in), and
+    JSON bodies past `json_limits` (depth, arrays, values; serve.json_limits) before anything parses them.
+
+    A refusal while the body streams raises HTTPException from `receive`, inside the route, which answers it as
+    JSON before any response has started. An HTTPException, not our BadInput: FastAPI turns any other error
+    raised while it parses a body model into a 400 "error parsing the body".
     """
 
-    def __init__(self, app, max_body_bytes: int) -> None:
+    def __init__(self, app, max_body_bytes: int, json_limits: JsonLimits) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.json_limits = json_limits
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -209,14 +290,25 @@ class BodyLimit:
                                                f"the limit of {self.max_body_bytes} bytes"}, status_code=413)
             return await response(scope, receive, send)
         received = 0
+        json_chunks: list[bytes] | None = [] if _is_json_content(scope) else None
 
         async def limited_receive():
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > self.max_body_bytes:
                     raise HTTPException(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                if json_chunks is not None:
+                    json_chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        body = chunk if len(json_chunks) == 1 else b"".join(json_chunks)
+                        json_chunks.clear()
+                        try:
+                            check_json_structure(body, self.json_limits)
+                        except JsonTooComplex as error:
+                            raise HTTPException(error.status, str(error)) from None
             return message
 
         await self.app(scope, limited_receive, send)
@@ -247,27 +339,46 @@ class RequireToken:
         await self.app(scope, receive, send)
 
 
-def _document_bearer_auth(app: FastAPI) -> None:
-    """Show the token requirement in /openapi.json and /docs (the middleware enforces it)."""
+def _document(app: FastAPI, runtime: VAERuntime, options: ServiceOptions) -> None:
+    """Make /openapi.json and /docs state what the handlers enforce beyond the pydantic models: the limits
+    (rows, latent size, value ranges, parameter maxima) and the token requirement (the middleware enforces it)."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
-                "type": "http", "scheme": "bearer", "description": "$VAE_SERVE_TOKEN"}
-            for path, operations in schema["paths"].items():
-                if path.startswith(PROTECTED_PREFIXES):
-                    for operation in operations.values():
-                        operation["security"] = [{"bearer": []}]
+            models = schema["components"]["schemas"]
+            latent_row = _exactly({"type": "number", "minimum": -MAX_ABS_LATENT, "maximum": MAX_ABS_LATENT},
+                                  runtime.latent_dim)
+            models["DecodeRequest"]["properties"]["z"].update(items=latent_row, minItems=1, maxItems=options.max_items)
+            models["SampleRequest"]["properties"]["n"]["maximum"] = options.max_items
+            maxima = {"steps": options.max_items, "num_samples": options.max_score_samples}
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    for parameter in operation.get("parameters", []):
+                        if parameter["name"] in maxima:
+                            parameter["schema"]["maximum"] = maxima[parameter["name"]]
+            if options.token:
+                schema["components"].setdefault("securitySchemes", {})["bearer"] = {
+                    "type": "http", "scheme": "bearer", "description": "$VAE_SERVE_TOKEN"}
+                for path, operations in schema["paths"].items():
+                    if path.startswith(PROTECTED_PREFIXES):
+                        for operation in operations.values():
+                            operation["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer; never sent
+
+
 class Observe:
-    """Count requests by endpoint and status and time them (pure ASGI: no per-request task or copy)."""
+    """Count requests by endpoint and status and time them (pure ASGI: no per-request task or copy).
+
+    A client that disconnects before its body has arrived is counted as 499, not as a server error, and
+    whatever the app raises because the body never came is not logged as a traceback."""
 
     def __init__(self, app, service: Service) -> None:
         self.app = app
@@ -278,16 +389,30 @@ class Observe:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
+        gone = False  # the client disconnected before it had sent its whole body
+
+        async def watch_receive():
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and status == 500:
+                gone = True
+            return message
 
         async def record_status(message) -> None:
             nonlocal status
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and not gone:  # an answer to nobody is not counted as sent
                 status = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, receive, record_status)
+            await self.app(scope, watch_receive, record_status)
+        except Exception:
+            if not gone:
+                raise
+            log.debug("client disconnected before sending its body", exc_info=True)
         finally:
+            if gone and status == 500:
+                status = scope.get(TIMED_OUT_STATUS, CLIENT_CLOSED_REQUEST)
             endpoint = getattr(scope.get("route"), "path", "unmatched")  # the router sets scope["route"]
             self.service.requests.labels(endpoint, str(status)).inc()
             self.service.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -309,9 +434,9 @@ def _array_from_json(value, name: str) -> np.ndarray:
 
 
 def _loads_json(body: bytes):
-    """The parsed body: orjson (about 6x faster than json on image arrays, and it runs on the event loop),
-    then json for what orjson refuses, so NaN/Infinity still reach the finite check with its message
-    and malformed JSON gets json's error text."""
+    """The parsed body: orjson (about 6x faster than json on image arrays), then json for what orjson refuses,
+    so NaN/Infinity still reach the finite check with its message and malformed JSON gets json's error text.
+    Bodies reach this only within BodyLimit's JSON limits (5 levels deep), so json cannot recurse deeply."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -347,6 +472,12 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
     service = Service(runtime, options)
     channels, height, width = runtime.image_shape
     max_items = options.max_items
+    images_body = image_body(runtime.image_shape, 1, max_items)
+    # The largest body any endpoint takes is {"images": [B][C][H][W]} (depth 5) or {"z": [B][latent]}. Twice its
+    # arrays and values still bounds the work, and lets a body just past a limit get the handler's precise message.
+    json_limits = JsonLimits(
+        max_depth=5, max_containers=2 * (2 + max_items * (1 + channels * (1 + height))),
+        max_values=2 * (max_items * max(channels * height * width, runtime.latent_dim) + 16))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -375,14 +506,18 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         if isinstance(error, QueueFull):
             return JSONResponse({"detail": f"server busy: {error}; retry later"}, status_code=503,
                                 headers={"Retry-After": str(options.retry_after_s)})
+        if isinstance(error, NonFiniteOutput):
+            service.nonfinite.labels(error.graph).inc()
+            log.error("%s", error)
+            return JSONResponse({"detail": str(error)}, status_code=500)
         return None
 
     fast_routes: dict[str, FastRoute] = {}  # filled in below, once the routes exist
     app.add_middleware(FastJsonRoutes, routes=fast_routes, answer_error=answer_error)  # added first: innermost
-    app.add_middleware(BodyLimit, max_body_bytes=options.max_body_bytes)
+    app.add_middleware(BodyLimit, max_body_bytes=options.max_body_bytes, json_limits=json_limits)
     if options.token:
         app.add_middleware(RequireToken, token=options.token)
-        _document_bearer_auth(app)
+    _document(app, runtime, options)
     app.add_middleware(Observe, service=service)  # added last, so outermost: 401s and 413s are counted too
 
     @app.exception_handler(BadInput)
@@ -400,16 +535,19 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
     async def queue_full(request: Request, error: QueueFull):
         return answer_error(error)
 
-    async def read_images(request: Request) -> np.ndarray:
-        """(B, C, H, W) float32 in [0, 1] from a JSON, multipart or raw image body."""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type == "multipart/form-data":
-            body = await request.body()  # whole, before parsing: BodyLimit refuses it past the limit as it streams
+    @app.exception_handler(NonFiniteOutput)
+    async def nonfinite_output(request: Request, error: NonFiniteOutput):
+        return answer_error(error)
 
+    async def read_images(request: Request) -> np.ndarray:
+        """(B, C, H, W) float32 in [0, 1] from a JSON, multipart or raw image body; parsed off the event loop."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await request.body()  # whole, before parsing: BodyLimit refuses it past its limits as it streams
+        if content_type == "multipart/form-data":
             async def replay() -> dict:
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            try:
+            try:  # only splits the body into parts (bounded by the body limit); decoding happens off the loop
                 form = await Request(request.scope, replay).form(max_files=max_items + 1, max_fields=max_items + 1)
             except Exception as error:  # python-multipart raises several types for malformed bodies
                 raise BadInput(f"malformed multipart body: {error}", 400) from error
@@ -417,13 +555,15 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
             if not uploads:
                 raise BadInput("multipart body holds no files: upload PNG images as file fields")
             blobs = [await upload.read() for upload in uploads]
-            return _images_from_blobs(blobs)
-        body = await request.body()
+            return await service.off_loop(images_from_blobs, blobs)
         if content_type.startswith("image/") or content_type == "application/octet-stream":
-            return _images_from_blobs([body])
+            return await service.off_loop(images_from_blobs, [body])
         if content_type not in ("application/json", ""):
             raise BadInput(f"unsupported Content-Type {content_type!r}: send application/json, "
                            "multipart/form-data or image/png", 415)
+        return await service.off_loop(images_from_json, body)
+
+    def images_from_json(body: bytes) -> np.ndarray:
         try:
             payload = _loads_json(body)
         except (ValueError, UnicodeDecodeError) as error:
@@ -438,19 +578,16 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
             raise BadInput("images: empty batch")
         return check(runtime.check_images, x)
 
-    def _images_from_blobs(blobs: list[bytes]) -> np.ndarray:
+    def images_from_blobs(blobs: list[bytes]) -> np.ndarray:
         if len(blobs) > max_items:
             raise BadInput(f"too many images: {len(blobs)} > {max_items} per request", 413)
         images = []
         for index, blob in enumerate(blobs):
-            try:
-                image = decode_image(blob, channels=channels)
+            try:  # refused from its header when it declares far more pixels than the model takes
+                images.append(runtime.image_from_bytes(blob))
             except ValueError as error:
-                raise BadInput(f"image {index}: {error}") from error
-            if image.shape[:2] != (height, width):
-                raise BadInput(f"image {index}: expected {height}x{width} pixels, got "
-                               f"{image.shape[0]}x{image.shape[1]}")
-            images.append(image)
+                raise BadInput(f"image {index}: {error}", 413 if isinstance(error, ImageTooLargeError) else 422
+                               ) from error
         return nhwc_to_nchw(to_unit_float(np.stack(images)))
 
     def check(function, *args):
@@ -464,18 +601,24 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
 
     # -------------------------------------------------------- probes
 
-    @app.get("/healthz", tags=["probes"], summary="the process is alive")
+    @app.get("/healthz", tags=["probes"], response_model=StatusResponse, summary="the process is alive")
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["probes"], summary="model loaded and warmed up")
+    @app.get("/readyz", tags=["probes"], summary="the model answers correctly (loaded, self-checked, warmed up)",
+             responses={503: {"model": StatusResponse, "description": "not ready: warming up, or why not"}})
     async def readyz():
         if not service.ready:
-            return JSONResponse({"status": "warming up"}, status_code=503)
+            return JSONResponse({"status": service.not_ready_reason}, status_code=503)
         return {"status": "ready", "provider": runtime.provider, "latent_dim": runtime.latent_dim,
                 "image_shape": list(runtime.image_shape), "likelihood": runtime.likelihood}
 
-    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["probes"], response_class=PlainTextResponse,
+             responses={401: {"description": ERRORS[401]["description"], "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}},
+                 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                "description": "Prometheus text format"}},
+             summary="Prometheus metrics")
     async def metrics():
         for name, batcher in (("encoder", service.encoder), ("decoder", service.decoder)):
             service.queue_depth.labels(name).set(batcher.depth if batcher else 0)
@@ -502,18 +645,16 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         _, images = await service.decode(z)
         return _format_response(images, format, {})
 
-    @app.post("/v1/sample", tags=["model"], response_model=ImagesResponse,
-              responses={200: {"content": {"image/png": {}}}}, summary="new images from z ~ N(0, T^2 I)")
+    @app.post("/v1/sample", tags=["model"], response_model=ImagesResponse, responses={**ERRORS, **PNG_ANSWER}, summary="new images from z ~ N(0, T^2 I)")
     async def sample(body: SampleRequest, format: Output = "json"):
         return await sample_images(body, format)
 
-    @app.post("/v1/decode", tags=["model"], response_model=ImagesResponse,
-              responses={200: {"content": {"image/png": {}}}}, summary="latents to images")
+    @app.post("/v1/decode", tags=["model"], response_model=ImagesResponse, responses={**ERRORS, **PNG_ANSWER}, summary="latents to images")
     async def decode(body: DecodeRequest, format: Output = "json"):
         return await decode_latents(body, format)
 
-    @app.post("/v1/encode", tags=["model"], response_model=EncodeResponse,
-              openapi_extra=IMAGE_BODY, summary="images to q(z|x): mean and log-variance (and a sampled z)")
+    @app.post("/v1/encode", tags=["model"], response_model=EncodeResponse, responses=ERRORS,
+              openapi_extra=images_body, summary="images to q(z|x): mean and log-variance (and a sampled z)")
     async def encode(request: Request, sample: bool = False, seed: int | None = Query(None, ge=0, lt=2**63)):
         x = await read_images(request)
         mean, logvar = await service.encode(x)
@@ -525,7 +666,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         return _json(result)
 
     @app.post("/v1/reconstruct", tags=["model"], response_model=ImagesResponse,
-              openapi_extra=IMAGE_BODY, responses={200: {"content": {"image/png": {}}}},
+              openapi_extra=images_body, responses={**ERRORS, **PNG_ANSWER},
               summary="decode the posterior mean of each image")
     async def reconstruct(request: Request, format: Output = "json"):
         x = await read_images(request)
@@ -534,8 +675,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         return _format_response(images, format, {})
 
     @app.post("/v1/interpolate", tags=["model"], response_model=ImagesResponse,
-              openapi_extra=IMAGE_BODY,
-              responses={200: {"content": {"image/png": {}}}},
+              openapi_extra=image_body(runtime.image_shape, 2, 2), responses={**ERRORS, **PNG_ANSWER},
               summary="decoded path between two images' latents (send exactly two images)")
     async def interpolate(request: Request, steps: int = Query(8, ge=2), mode: Literal["linear", "slerp"] = "linear",
                           format: Output = "json"):
@@ -549,8 +689,8 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
         _, images = await service.decode(z)
         return _format_response(images, format, {}, num_cols=steps)
 
-    @app.post("/v1/score", tags=["model"], response_model=ScoreResponse,
-              openapi_extra=IMAGE_BODY, summary="anomaly score per image (negative ELBO or IWAE bound, nats)")
+    @app.post("/v1/score", tags=["model"], response_model=ScoreResponse, responses=ERRORS,
+              openapi_extra=images_body, summary="anomaly score per image (negative ELBO or IWAE bound, nats)")
     async def score(request: Request, num_samples: int = Query(1, ge=1), method: Literal["elbo", "iwae"] = "elbo",
                     complexity: Literal["none", "png"] = "none", seed: int = Query(0, ge=0, lt=2**63)):
         if num_samples > options.max_score_samples:
@@ -577,12 +717,38 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
     return app
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """What uvicorn enforces per connection, before the app sees a request."""
+
+    connection: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Request head size and count limits, head and body deadlines (serve.http_protocol)."""
+    keep_alive_timeout_s: int = 5
+    """An idle keep-alive connection is closed after this long."""
+    max_connections: int = 1000
+    """Open connections (and requests in flight) past which new requests get 503."""
+    graceful_timeout_s: float = 30.0
+    """How long shutdown waits for in-flight requests."""
+
+    def problems(self) -> list[str]:
+        problems = self.connection.problems()
+        problems += [f"{name} must be >= 1, got {value}" for name, value in
+                     (("keep_alive_timeout_s", self.keep_alive_timeout_s), ("max_connections", self.max_connections))
+                     if not value >= 1]
+        return problems
+
+
 def serve(runtime: VAERuntime, options: ServiceOptions, host: str = "127.0.0.1", port: int = 8000,
-          graceful_timeout_s: float = 30.0, log_level: str = "info") -> None:
+          server: ServerOptions | None = None, log_level: str = "info") -> None:
     """Run the service until SIGINT/SIGTERM; in-flight requests finish first."""
     import uvicorn
 
+    server = server or ServerOptions()
+    if server.problems():
+        raise ValueError("invalid server options: " + "; ".join(server.problems()))
     app = create_app(runtime, options)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=graceful_timeout_s, lifespan="on")
+                            http=limited_protocol(server.connection), timeout_keep_alive=server.keep_alive_timeout_s,
+                            limit_concurrency=server.max_connections,
+                            timeout_graceful_shutdown=server.graceful_timeout_s, lifespan="on")
     uvicorn.Server(config).run()

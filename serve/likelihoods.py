@@ -88,6 +88,10 @@ LIKELIHOODS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+# Channels of the decoder's `params` output per image channel, by likelihood (the layouts above).
+PARAMS_PER_CHANNEL = {"bernoulli": 1, "gaussian": 1, "gaussian_learned": 2, "discretized_logistic": 2}
+
+
 def negative_log_likelihood(name: str, params: np.ndarray, x: np.ndarray,
                             likelihood_params: dict | None = None) -> np.ndarray:
     """-log p(x|z) per image (B,) in nats for the likelihood `name` named in model.json."""

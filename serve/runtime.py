@@ -7,7 +7,6 @@ rows; on CUDA, inputs and outputs go through I/O binding so each chunk makes one
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serve.likelihoods import negative_log_likelihood
+from serve.likelihoods import PARAMS_PER_CHANNEL, negative_log_likelihood
+from serve.model_spec import ModelDirError, read_model_spec
 
 # TensorRT first, then CUDA, then CPU: the fastest provider that can run here wins.
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -26,6 +26,9 @@ PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExe
 # The same clamp train applies to the posterior's log-variance (train.model.LOGVAR_MIN/MAX).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 LOG_2PI = math.log(2.0 * math.pi)
+# Images up to this many times the model's pixel count are decoded (and then refused by size with a clear
+# message); bigger ones are refused from their header alone (a 1.4 MB PNG can declare 13,000 x 13,000).
+MAX_INPUT_PIXELS_FACTOR = 4
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -70,22 +73,39 @@ class RuntimeOptions:
     """A variant listed in model.json "variants" (e.g. "fp16"); '' uses the default fp32 graphs."""
 
 
-def _variant_file(metadata: dict, variant: str, graph: str) -> str:
-    if not variant:
-        return metadata[graph]["file"]
-    variants = metadata.get("variants") or {}
-    if variant not in variants:
-        raise ValueError(f"model.json lists no variant {variant!r}; it has {sorted(variants) or 'none'}")
-    entry = variants[variant].get(graph) if isinstance(variants[variant], dict) else None
-    if entry is None:
-        raise ValueError(f"variant {variant!r} in model.json has no {graph} graph")
-    return entry["file"] if isinstance(entry, dict) else str(entry)
+class NonFiniteOutput(RuntimeError):
+    """A graph produced NaN/Inf (or pixels outside [0, 1]): the model is broken, not the request."""
+
+    def __init__(self, message: str, graph: str) -> None:
+        super().__init__(message)
+        self.graph = graph
+
+
+def check_outputs(graph: str, names: list[str], arrays: list[np.ndarray]) -> None:
+    """Raise NonFiniteOutput unless every output is finite and every `image` lies in [0, 1]."""
+    for name, array in zip(names, arrays):
+        if not array.size:
+            continue
+        low, high = float(array.min()), float(array.max())  # NaN propagates to both; an Inf shows at one end
+        if not (math.isfinite(low) and math.isfinite(high)):
+            rows = int((~np.isfinite(array.reshape(len(array), -1))).any(axis=1).sum()) if array.ndim else 1
+            raise NonFiniteOutput(f"the {graph} graph's output {name!r} holds NaN or Inf in {rows} of "
+                                  f"{len(array)} rows: the model cannot answer this input", graph)
+        if name == "image" and (low < 0.0 or high > 1.0):
+            raise NonFiniteOutput(f"the {graph} graph's output 'image' lies in [{low:.4g}, {high:.4g}], "
+                                  "not in [0, 1]: the model is broken", graph)
+
+
+def _dims(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
 class _Graph:
     """One onnxruntime session: casts inputs to its dtype, runs in chunks, returns float32."""
 
-    def __init__(self, path: Path, options: ort.SessionOptions, providers: list[str], io_binding: bool | None):
+    def __init__(self, name: str, path: Path, options: ort.SessionOptions, providers: list[str],
+                 io_binding: bool | None):
+        self.name = name
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input = self.session.get_inputs()[0]
         self.input_dtype = ORT_DTYPES.get(self.input.type, np.float32)
@@ -94,13 +114,43 @@ class _Graph:
         self.io_binding = on_cuda if io_binding is None else io_binding
         self.device = "cuda" if on_cuda else "cpu"
 
-    def run(self, array: np.ndarray, outputs: list[str], batch_size: int) -> list[np.ndarray]:
-        """Outputs `outputs` for every row of `array`, computed `batch_size` rows at a time."""
+    def shape_problems(self, path: Path, expected_input: tuple, expected_outputs: dict[str, tuple]) -> list[str]:
+        """How the graph's declared input and output shapes differ from what model.json says.
+
+        Expected shapes leave the batch axis out; a symbolic (named) axis in the graph matches any size."""
+        def differs(shape, expected) -> bool:
+            return len(shape) != len(expected) + 1 or any(
+                isinstance(actual, int) and actual != want for actual, want in zip(shape[1:], expected))
+
+        problems = []
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or self.input.type not in ORT_DTYPES:
+            problems.append(f"{path.name}: expected one float input, got "
+                            f"{[(i.name, i.type) for i in inputs]}")
+        elif differs(self.input.shape, expected_input):
+            problems.append(f"{path.name}: input {self.input.name!r} has shape {_dims(self.input.shape)}, "
+                            f"model.json says (batch, {', '.join(map(str, expected_input))})")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        for name, expected in expected_outputs.items():
+            if name not in outputs:
+                problems.append(f"{path.name}: no output {name!r} (it has {sorted(outputs)})")
+            elif outputs[name].type not in ORT_DTYPES or differs(outputs[name].shape, expected):
+                problems.append(f"{path.name}: output {name!r} is {outputs[name].type} {_dims(outputs[name].shape)}, "
+                                f"model.json says float (batch, {', '.join(map(str, expected))})")
+        return problems
+
+    def run(self, array: np.ndarray, outputs: list[str], batch_size: int, check: bool = True) -> list[np.ndarray]:
+        """Outputs `outputs` for every row of `array`, computed `batch_size` rows at a time.
+
+        `check`: raise NonFiniteOutput when an output is not finite (the HTTP service checks per request)."""
         array = np.ascontiguousarray(array, dtype=self.input_dtype)
         parts = [self._run_chunk(array[start:start + batch_size], outputs)
                  for start in range(0, len(array), batch_size)] or [self._run_chunk(array, outputs)]
-        return [np.concatenate([part[i] for part in parts]).astype(np.float32, copy=False)
-                for i in range(len(outputs))]
+        results = [np.concatenate([part[i] for part in parts]).astype(np.float32, copy=False)
+                   for i in range(len(outputs))]
+        if check:
+            check_outputs(self.name, outputs, results)
+        return results
 
     def _run_chunk(self, chunk: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         if not self.io_binding:
@@ -123,17 +173,16 @@ class VAERuntime:
         if providers is not None or intra_op_threads:
             options = RuntimeOptions(**{**options.__dict__, **({"providers": tuple(providers)} if providers else {}),
                                         **({"intra_op_threads": intra_op_threads} if intra_op_threads else {})})
-        model_dir = Path(model_dir)
-        metadata_path = model_dir / "model.json"
-        if not metadata_path.is_file():
-            raise FileNotFoundError(f"{model_dir} has no model.json: export a model with `python -m export`")
-        self.model_dir = model_dir
+        spec = read_model_spec(model_dir)  # checked before anything is allocated from it
+        files = spec.files(options.variant)
+        self.model_dir = spec.model_dir
         self.options = options
-        self.metadata = json.loads(metadata_path.read_text())
-        self.latent_dim = int(self.metadata["latent_dim"])
-        self.image_shape = tuple(int(d) for d in self.metadata["image_shape"])  # (C, H, W)
-        self.likelihood = self.metadata.get("likelihood", "bernoulli")
-        self.likelihood_params = self.metadata.get("likelihood_params") or {}
+        self.spec = spec
+        self.metadata = spec.metadata
+        self.latent_dim = spec.latent_dim
+        self.image_shape = spec.image_shape  # (C, H, W)
+        self.likelihood = spec.likelihood
+        self.likelihood_params = spec.likelihood_params
         ort.set_default_logger_severity(3)  # a failed GPU provider is reported through `provider`
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
@@ -142,12 +191,45 @@ class VAERuntime:
         if not options.spinning:
             session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = choose_providers(options.providers)
-        self.encoder = _Graph(model_dir / _variant_file(self.metadata, options.variant, "encoder"),
-                              session_options, chosen, options.io_binding)
-        self.decoder = _Graph(model_dir / _variant_file(self.metadata, options.variant, "decoder"),
-                              session_options, chosen, options.io_binding)
+        try:
+            self.encoder = _Graph("encoder", files.encoder, session_options, chosen, options.io_binding)
+            self.decoder = _Graph("decoder", files.decoder, session_options, chosen, options.io_binding)
+        except Exception as error:  # onnxruntime raises its own types for a corrupt or foreign file
+            raise ModelDirError(f"{spec.model_dir}: onnxruntime cannot load the graphs: {error}") from error
         on_gpu = self.provider in GPU_PROVIDERS
         self.batch_size = options.batch_size or (4096 if on_gpu else 512)
+        self._check_graphs(files)
+        self.self_check()
+
+    def _check_graphs(self, files) -> None:
+        """The graphs' own declared shapes against model.json: a mismatch is refused at load, not per request."""
+        channels, height, width = self.image_shape
+        latent = (self.latent_dim,)
+        params_channels = PARAMS_PER_CHANNEL[self.likelihood] * channels
+        problems = (self.encoder.shape_problems(files.encoder, self.image_shape, {"mean": latent, "logvar": latent})
+                    + self.decoder.shape_problems(files.decoder, latent, {
+                        "params": (params_channels, height, width), "image": self.image_shape}))
+        if problems:
+            raise ModelDirError(f"{self.model_dir}: the ONNX graphs do not match model.json:\n  - "
+                                + "\n  - ".join(problems))
+
+    def self_check(self, rows: int = 8) -> None:
+        """Run both graphs and the likelihood once on fixed inputs; a model that cannot answer them
+        (NaN or Inf, pixels outside [0, 1], a likelihood that does not fit its params) is refused.
+        This is what "ready" means: the model answers correctly, not merely that it loaded."""
+        z = np.random.default_rng(0).standard_normal((rows, self.latent_dim), dtype=np.float32)
+        z[0] = 0.0
+        try:
+            params, image = self.decoder.run(z, ["params", "image"], self.batch_size)
+            x = np.concatenate([image, np.full_like(image[:1], 0.5)])
+            mean, logvar = self.encoder.run(x, ["mean", "logvar"], self.batch_size)
+            nll = negative_log_likelihood(self.likelihood, params, image, self.likelihood_params)
+        except (NonFiniteOutput, ValueError) as error:
+            raise ModelDirError(f"{self.model_dir}: the model fails its self-check on {rows} fixed latents: "
+                                f"{error}") from error
+        if not np.isfinite(nll).all():
+            raise ModelDirError(f"{self.model_dir}: the model fails its self-check: the {self.likelihood} "
+                                f"likelihood of its own decoded images is not finite")
 
     @property
     def provider(self) -> str:
@@ -176,6 +258,23 @@ class VAERuntime:
         if x.size and (x.min() < 0.0 or x.max() > 1.0):
             raise ValueError(f"pixel values must lie in [0, 1], got [{x.min():.4g}, {x.max():.4g}]")
         return x.astype(np.float32, copy=False)
+
+    @property
+    def max_input_pixels(self) -> int:
+        """Largest image (width x height) decoded from bytes: serving resizes nothing, so anything much bigger
+        than the model's own image size is refused from its header, before a pixel is decoded."""
+        _, height, width = self.image_shape
+        return MAX_INPUT_PIXELS_FACTOR * height * width
+
+    def image_from_bytes(self, data: bytes) -> np.ndarray:
+        """PNG/JPEG/... bytes -> (H, W, C) uint8 of the model's size; ValueError says what is wrong."""
+        from pipeline.images import decode_image
+
+        channels, height, width = self.image_shape
+        image = decode_image(data, channels=channels, max_pixels=self.max_input_pixels)
+        if image.shape[:2] != (height, width):
+            raise ValueError(f"expected {height}x{width} pixels, got {image.shape[0]}x{image.shape[1]}")
+        return image
 
     def check_latents(self, z: np.ndarray) -> np.ndarray:
         """Validate latents (B, latent)."""
@@ -368,10 +467,17 @@ def score_from_parts(x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: n
     mean, logvar, eps = mean.astype(np.float64), logvar.astype(np.float64), eps.astype(np.float64)
     if method == "elbo":
         kl = 0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1.0 - logvar, axis=1)  # analytic, (B,)
-        return nll.mean(axis=0) + kl
+        return _finite_scores(nll.mean(axis=0) + kl)
     z = mean[None] + np.exp(0.5 * logvar)[None] * eps
     log_prior = -0.5 * np.sum(z ** 2 + LOG_2PI, axis=2)
     log_posterior = -0.5 * np.sum(eps ** 2 + LOG_2PI + logvar[None], axis=2)
     log_weights = -nll + log_prior - log_posterior  # (K, B)
     top = log_weights.max(axis=0)
-    return -(top + np.log(np.mean(np.exp(log_weights - top), axis=0)))
+    return _finite_scores(-(top + np.log(np.mean(np.exp(log_weights - top), axis=0))))
+
+
+def _finite_scores(scores: np.ndarray) -> np.ndarray:
+    if not np.isfinite(scores).all():
+        raise NonFiniteOutput(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} scores are not finite: the "
+                              "decoder's likelihood parameters do not fit these images", "score")
+    return scores

@@ -50,7 +50,7 @@ def test_vae_help_lists_the_stages_and_the_exit_codes():
 
 
 SUBCOMMANDS = {
-    "pipeline": ("shards", "verify", "inspect"),
+    "pipeline": ("shards", "verify", "inspect", "index"),
     "export": ("onnx", "tensorrt", "triton", "register", "resolve"),
     "serve": ("generate", "reconstruct", "encode", "score", "interpolate", "traverse", "http"),
 }

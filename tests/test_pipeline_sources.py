@@ -147,7 +147,8 @@ def write_idx(path, array: np.ndarray) -> None:
 
 
 def test_torchvision_source_reads_a_local_copy(mnist5k, tmp_path, capsys):
-    """torchvision:MNIST through torchvision's own reader, from files already on disk (no download)."""
+    """torchvision:MNIST through torchvision's own reader, from files already on disk (no download);
+    its own split is kept: t10k -> val."""
     raw = tmp_path / "root" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     picks = np.concatenate([np.flatnonzero(mnist5k.labels == c)[:30] for c in range(10)])
@@ -159,9 +160,11 @@ def test_torchvision_source_reads_a_local_copy(mnist5k, tmp_path, capsys):
                  "--out", str(out), "--quiet"]) == 0
     manifest = read_manifest(out)
     assert manifest.source == "MNIST" and manifest.image_shape == (28, 28, 1)
-    assert manifest.num_samples("train") + manifest.num_samples("val") == 300
-    assert manifest.class_names[0].startswith("0")
+    assert manifest.num_samples("train") == 300 and manifest.num_samples("val") == 20
+    assert manifest.extra["split"] == "source" and manifest.class_names[0].startswith("0")
+    val_images, _ = read_shard_images(out / "val-000000.tar", (28, 28, 1))
+    assert sorted(im.tobytes() for im in val_images) == sorted(im.tobytes() for im in mnist5k.images[picks[:20]])
     # not on disk and no --download: a clear error, no network
-    assert main(["shards", "--source", "torchvision:FashionMNIST", "--data-root", str(tmp_path / "root"),
+    assert main(["shards", "--source", "torchvision:KMNIST", "--data-root", str(tmp_path / "root"),
                  "--out", str(tmp_path / "f")]) == 1
     assert "--download" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.foreign import check_image_key, check_label_key
+
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "discretized_logistic")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -18,7 +20,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = "out/shards"
-    """Directory (or URL prefix) holding manifest.json and the train/val shards."""
+    """Directory or URL prefix (s3://, gs://, https://) with manifest.json, a manifest .json path, or a shard pattern."""
     batch_size: int = 128
     """Images per batch on each rank (global batch = batch_size x world size)."""
     num_workers: int = 1
@@ -28,6 +30,18 @@ class DataConfig:
     'on', 'off', or 'auto' (on for a 1-channel bernoulli model)."""
     eval_batch_size: int = 256
     """Images per evaluation batch on each rank."""
+    image_key: str = "auto"
+    """Foreign shard sets: the image member (jpg, png, webp, ...); auto takes the first of jpg/jpeg/png/webp/ppm/npy."""
+    label_key: str = "auto"
+    """Foreign shard sets: the label, cls, txt, json:FIELD or none; auto reads cls when present."""
+    samples_per_epoch: int = 0
+    """> 0: approximate epochs of this many samples, shards drawn with replacement, no manifest needed."""
+    val_shards: str = ""
+    """Validation shards when they are elsewhere ('' : the manifest's val split; without one, the last shard)."""
+    max_bad_samples: int = 100
+    """Error budget per rank: bad samples (undecodable, unlabelled, in a vanished shard) skipped before stopping."""
+    max_bad_fraction: float = 0.001
+    """Beyond max_bad_samples, the share of samples read that may be bad."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,16 @@ def _validate(config: TrainConfig) -> list[str]:
         problems.append(f"model.widths: expected two positive widths, got {model.widths}")
     if model.gaussian_sigma <= 0:
         problems.append(f"model.gaussian_sigma: must be > 0, got {model.gaussian_sigma}")
+    for check, value in ((check_image_key, data.image_key), (check_label_key, data.label_key)):
+        try:
+            check(value)
+        except ValueError as error:
+            problems.append(f"data.{check.__name__.removeprefix('check_')}: {error}")
+    if data.max_bad_samples < 0 or not 0 <= data.max_bad_fraction <= 1:
+        problems.append(f"data.max_bad_samples, data.max_bad_fraction: need >= 0 and a fraction in [0, 1], "
+                        f"got {data.max_bad_samples}, {data.max_bad_fraction}")
+    if data.samples_per_epoch < 0:
+        problems.append(f"data.samples_per_epoch: must be >= 0, got {data.samples_per_epoch}")
     if str(data.dynamic_binarization).lower() not in BINARIZATION_CHOICES:
         problems.append(f"data.dynamic_binarization: expected auto, on or off, got {data.dynamic_binarization!r}")
     elif binarizes(config) and model.likelihood != "bernoulli":

@@ -16,7 +16,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.images import make_grid
-from pipeline.loader import ShardSet, batches_per_epoch, iter_eval_batches, make_train_loader, open_split
+from pipeline.data import open_train_val
+from pipeline.errors import ErrorBudget
+from pipeline.loader import ShardSet, batches_per_epoch, iter_eval_batches, make_train_loader
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, binarizes, config_to_dict
 from train.distributed import DistContext, all_reduce_sum
@@ -143,9 +145,12 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
     """Train until a step, epoch or time limit (or SIGTERM); returns a summary dict (printed by every rank)."""
     torch.manual_seed(config.run.seed)
     precision = resolve_precision(config.run.precision, context.device)
-    train_shards = open_split(config.data.shards, "train")
-    val_shards = open_split(config.data.shards, "val")
-    check_data_matches_model(config, train_shards.manifest.image_shape)
+    data, model_shape = config.data, (config.model.image_size, config.model.image_size, config.model.channels)
+    train_shards, val_shards = open_train_val(
+        data.shards, image_shape=model_shape, image_key=data.image_key, label_key=data.label_key,
+        samples_per_epoch=data.samples_per_epoch, val_location=data.val_shards, announce=context.is_main)
+    if train_shards.decoder is None:  # our own shards hold one size; foreign ones are fitted to the model
+        check_data_matches_model(config, train_shards.manifest.image_shape)
     num_batches = batches_per_epoch(train_shards.num_samples, config.data.batch_size, context.world_size)
     step_limits = [config.run.max_steps] if config.run.max_steps else []
     if config.run.max_epochs:
@@ -197,7 +202,8 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                            readable_run_name(config, context.world_size, precision))
     loader = make_train_loader(train_shards, batch_size=config.data.batch_size, rank=context.rank,
                                world_size=context.world_size, seed=config.run.seed,
-                               num_workers=config.data.num_workers)
+                               num_workers=config.data.num_workers,
+                               error_budget=ErrorBudget(config.data.max_bad_samples, config.data.max_bad_fraction))
     binarize_inputs = binarizes(config)
     grid_images = first_val_images(val_shards).to(context.device).float().div_(255.0)
 
@@ -305,8 +311,10 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                         position.epoch += 1
                         position.batch_in_epoch = 0
                     if window_images and (position.step % config.run.log_interval_steps == 0 or stopped_by):
+                        data_errors = loader.dataset.errors.metrics()  # this rank's; summed over ranks below
                         totals = all_reduce_sum(torch.cat([window, window.new_tensor(
-                            [window_images, window_wait])]), context)
+                            [window_images, window_wait, *data_errors.values()])]), context)
+                        data_errors = dict(zip(data_errors, totals[5:].tolist()))
                         elapsed = time.perf_counter() - window_start
                         nelbo, recon, kl = (totals[:3] / totals[3]).tolist()
                         metrics = {"train/neg_elbo": nelbo, "train/recon": recon, "train/kl": kl,
@@ -315,7 +323,8 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                                    "train/samples_per_s": totals[3].item() / elapsed,
                                    "train/data_wait_share": totals[4].item() / context.world_size / elapsed,
                                    "train/skipped_steps": position.skipped_steps,
-                                   "train/epoch": position.epoch + position.batch_in_epoch / num_batches}
+                                   "train/epoch": position.epoch + position.batch_in_epoch / num_batches,
+                                   **data_errors}
                         if config.run.system_metrics and context.is_main:
                             metrics.update(system_metrics(context.device))
                         tracker.log_metrics(metrics, position.step)
