@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -20,6 +23,8 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str
+    agent_pid: int | None = None
+    """The torchrun agent that started this process (None without torchrun): see agent_gone."""
 
     @property
     def is_main(self) -> bool:
@@ -28,6 +33,30 @@ class DistContext:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    def agent_gone(self) -> bool:
+        """True when the torchrun agent that started this process has died (SIGKILL, OOM kill)."""
+        return self.agent_pid is not None and os.getppid() != self.agent_pid
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def follow_agent() -> int | None:
+    """Under torchrun: the agent's pid, and SIGTERM from the kernel when the agent dies (Linux).
+
+    torchrun starts each worker in a session of its own, so a SIGKILL of the agent alone leaves
+    the workers training on, unsupervised. With the parent-death signal they take the SIGTERM
+    path (save, exit 143); elsewhere the trainer sees `agent_gone()` at the next step.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # set by torchrun's agent for its workers
+        return None
+    agent_pid = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    return agent_pid
 
 
 def setup_distributed() -> DistContext:
@@ -40,9 +69,10 @@ def setup_distributed() -> DistContext:
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
+    agent_pid = follow_agent()
     if world_size > 1:
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return DistContext(rank, world_size, local_rank, device, backend)
+    return DistContext(rank, world_size, local_rank, device, backend, agent_pid)
 
 
 def teardown_distributed(context: DistContext) -> None:
