@@ -164,14 +164,14 @@ def test_kill_9_of_torchrun_stops_its_ranks_and_a_second_trainer_is_refused(smal
         process.wait(timeout=30)
         _, alive = psutil.wait_procs(ranks, timeout=90)
         assert not alive, f"ranks still running 90 s after torchrun died: {[p.pid for p in alive]}"
-        stdout, _ = process.communicate(timeout=60)
+        stdout, stderr = process.communicate(timeout=60)
     finally:
         for rank in ranks:
             if rank.is_running():
                 rank.kill()
     # they took the SIGTERM path: a checkpoint at the step they reached, and the lock is free again
     done = summaries(stdout)
-    assert [s["stopped_by"] for s in done] == ["sigterm", "sigterm"]
+    assert [s["stopped_by"] for s in done] == ["sigterm", "sigterm"], stderr[-4000:]
     from train.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == f"step-{done[0]['steps']:08d}"

@@ -32,6 +32,13 @@ class CheckpointWarning(UserWarning):
     """A checkpoint directory entry that was passed over; the message names it and why."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk); its message names it and the cause."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class UnreadableCheckpointError(ValueError):
     """A state.pt that torch cannot load as a checkpoint; the message names the file and the reason."""
 
@@ -71,7 +78,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int = 3
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)  # free what it took; the earlier ones stay
         cause = os.strerror(error.errno).lower() if error.errno else str(error)
-        raise OSError(error.errno or errno.EIO,
+        raise CheckpointWriteError(error.errno or errno.EIO,
                       f"{cause} writing checkpoint {final} ({len(buffer.getbuffer()) / 2**20:.1f} MiB); "
                       f"the previous checkpoints in {directory} are intact") from error
     del buffer

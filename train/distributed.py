@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass
 
@@ -39,24 +36,15 @@ class DistContext:
         return self.agent_pid is not None and os.getppid() != self.agent_pid
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+def torchrun_agent_pid() -> int | None:
+    """The pid of the torchrun agent that started this process, or None without torchrun.
 
-
-def follow_agent() -> int | None:
-    """Under torchrun: the agent's pid, and SIGTERM from the kernel when the agent dies (Linux).
-
-    torchrun starts each worker in a session of its own, so a SIGKILL of the agent alone leaves
-    the workers training on, unsupervised. With the parent-death signal they take the SIGTERM
-    path (save, exit 143); elsewhere the trainer sees `agent_gone()` at the next step.
+    torchrun starts each worker in a session of its own, so a SIGKILL of the agent alone leaves the
+    workers training on, unsupervised: the trainer polls `agent_gone()` at every step. (Not
+    PR_SET_PDEATHSIG: the kernel sends it again each time the orphan passes to another of the dying
+    agent's threads, so workers got two SIGTERMs in 2 of 3 tries and the second cut the save short.)
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ:  # set by torchrun's agent for its workers
-        return None
-    agent_pid = os.getppid()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    return agent_pid
+    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # set by torchrun's agent
 
 
 def setup_distributed() -> DistContext:
@@ -69,7 +57,7 @@ def setup_distributed() -> DistContext:
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
-    agent_pid = follow_agent()
+    agent_pid = torchrun_agent_pid()
     if world_size > 1:
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistContext(rank, world_size, local_rank, device, backend, agent_pid)

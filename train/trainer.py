@@ -332,7 +332,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                                 f"non-finite loss or gradients for {consecutive_skips} steps in a row, "
                                 f"the last at step {position.step} (epoch {position.epoch}, batch "
                                 f"{position.batch_in_epoch}); lower optim.lr or check the data")
-                    if not preempted.set and context.agent_gone():  # without PR_SET_PDEATHSIG
+                    if not preempted.set and context.agent_gone():  # torchrun was SIGKILLed: stop as for SIGTERM
                         preempted.request(f"the torchrun agent (pid {context.agent_pid}) is gone")
                     # Stop decisions are shared: SIGTERM on any rank and rank 0's clock, summed.
                     flags = torch.tensor([float(preempted.set),
