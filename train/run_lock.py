@@ -1,13 +1,16 @@
-"""One writer per run directory: an exclusive flock on OUT_DIR/run.lock, held for the whole run.
+"""One writer per run directory: an exclusive lock on OUT_DIR/run.lock, held for the whole run.
 
-The kernel drops the lock when the holder's last file descriptor closes, SIGKILL included, so a
-dead trainer never leaves a stale lock behind; a second trainer on the same directory is refused
-at once with the holder's pid and host. (flock is advisory and local to one machine's view of the
-file: on network filesystems it is only as good as their flock support.)
+A POSIX record lock (fcntl.lockf), not flock: it belongs to the process that took it and is not
+inherited by the DataLoader workers it forks, so a trainer killed with SIGKILL frees the
+directory at once, even while its orphaned workers wind down (an flock stayed held by them).
+The kernel drops it when the holder dies, so no stale lock is ever left behind; a second trainer
+on the same directory is refused at once, with the holder's pid and host. Locks are per process:
+take it once per process, and keep the one file object open for the whole run.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -38,8 +41,11 @@ class RunDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+")
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                self._file.close()
+                raise
             self._file.seek(0)
             holder = _describe(self._file.read())
             self._file.close()
@@ -55,5 +61,5 @@ class RunDirLock:
 
     def release(self) -> None:
         if not self._file.closed:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
+            fcntl.lockf(self._file, fcntl.LOCK_UN)
             self._file.close()
