@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
 
+    sys.argv[0] = "python -m train.launch"  # the name torchrun's --help shows
     try:
         torchrun(sys.argv[1:] if argv is None else argv)
     except SignalException as stop:
