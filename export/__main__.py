@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", type=_precisions, default=("fp32",),
                         help="comma-separated: fp32 (always written: the default files) and/or fp16")
     parser.add_argument("--shards", default=None,
-                        help="shard directory for verification images (default: the one in the checkpoint's config)")
+                        help="shards holding the verification images (a directory, pattern, URL or pipe: "
+                             "command); default: the checkpoint's data.shards when it is a local path or an "
+                             "http(s) URL (a checkpoint never chooses a command to run)")
     parser.add_argument("--opset", type=int, default=20, help="ONNX opset")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
                         help="EMA weights (when the checkpoint has them) or the raw optimizer weights")
@@ -75,6 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also log the export to its training run and register it as NAME")
     parser.add_argument("--alias", default=None, help="with --register: point this alias at the new version")
     return parser
+
+
+# Where a checkpoint's stored data.shards may send the export: places that are read, never run.
+# pipe: is a shell command; webdataset's other schemes (sftp, scp, gs, hf, ais...) start programs.
+READ_ONLY_SCHEMES = ("file://", "http://", "https://")
+
+
+def checkpoint_shards(location: str) -> str:
+    """The checkpoint's data.shards if every URL it names is a local path or http(s); else ValueError.
+
+    A checkpoint is data, often someone else's: nothing in it may choose a command to run.
+    """
+    from pipeline.urls import expand_urls
+
+    urls = expand_urls(location) if location else []
+    executing = [url for url in urls
+                 if url.startswith("pipe:") or ("://" in url and not url.startswith(READ_ONLY_SCHEMES))]
+    if not urls or executing:
+        what = f"names {executing[0]!r}, which is run, not read" if executing else "is empty"
+        raise ValueError(f"the checkpoint's data.shards {what}; a checkpoint never chooses a command to "
+                         "run: pass --shards with the validation shards (directory, pattern, URL or "
+                         "pipe: command of your own)")
+    return location
 
 
 def _validation_images(shards: str, config, max_images: int = 1024):
@@ -123,7 +148,12 @@ def export_main(args: argparse.Namespace) -> int:
         if args.weights == "raw" and weights == "ema":
             model.load_state_dict(state["model"])
             weights = "raw"
-        images = _validation_images(args.shards or config.data.shards, config)
+        if args.shards:
+            shards, chosen_by = args.shards, "--shards"
+        else:
+            shards, chosen_by = checkpoint_shards(config.data.shards), "the checkpoint's data.shards"
+        images = _validation_images(shards, config)
+        print(f"verifying on {len(images)} validation images from {shards} ({chosen_by})")
         result = export_verified(model, config, state, args.out, images, precisions=args.precision,
                                  opset=args.opset, weights=weights, optimize_for=args.optimize,
                                  tolerances={"fp32": args.tolerance, "fp16": args.tolerance_fp16})
