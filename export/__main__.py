@@ -79,21 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Where a checkpoint's stored data.shards may send the export: places that are read, never run.
-# pipe: is a shell command; webdataset's other schemes (sftp, scp, gs, hf, ais...) start programs.
-READ_ONLY_SCHEMES = ("file://", "http://", "https://")
-
-
 def checkpoint_shards(location: str) -> str:
-    """The checkpoint's data.shards if every URL it names is a local path or http(s); else ValueError.
+    """The checkpoint's data.shards if every URL it names is read, not run (local, http(s), s3/gs); else ValueError.
 
     A checkpoint is data, often someone else's: nothing in it may choose a command to run.
     """
-    from pipeline.urls import expand_urls
+    from pipeline.urls import expand_urls, runs_a_command
 
     urls = expand_urls(location) if location else []
-    executing = [url for url in urls
-                 if url.startswith("pipe:") or ("://" in url and not url.startswith(READ_ONLY_SCHEMES))]
+    executing = [url for url in urls if runs_a_command(url)]
     if not urls or executing:
         what = f"names {executing[0]!r}, which is run, not read" if executing else "is empty"
         raise ValueError(f"the checkpoint's data.shards {what}; a checkpoint never chooses a command to "
@@ -152,6 +146,8 @@ def export_main(args: argparse.Namespace) -> int:
             shards, chosen_by = args.shards, "--shards"
         else:
             shards, chosen_by = checkpoint_shards(config.data.shards), "the checkpoint's data.shards"
+            if config.data.val_shards:  # read beside data.shards below: held to the same rule
+                checkpoint_shards(config.data.val_shards)
         images = _validation_images(shards, config)
         print(f"verifying on {len(images)} validation images from {shards} ({chosen_by})")
         result = export_verified(model, config, state, args.out, images, precisions=args.precision,

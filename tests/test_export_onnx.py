@@ -249,11 +249,20 @@ def test_a_checkpoint_never_chooses_a_command_to_run(trained_run, small_shards, 
     assert f"validation images from {small_shards} (--shards)" in capsys.readouterr().out
     assert not marker.exists()
 
-    # what a checkpoint may name: places that are read; never a program (pipe:, or gopen's curl/gsutil/...)
+    # a pipe: command in the checkpoint's data.val_shards (read beside data.shards) is refused the same way
+    state["config"]["data"]["shards"] = str(small_shards)
+    state["config"]["data"]["val_shards"] = f"pipe:touch {marker}; cat {small_shards}/val-000000.tar"
+    torch.save(state, checkpoint / "state.pt")
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "model2")]) == 1
+    assert not marker.exists() and not (tmp_path / "model2").exists()
+
+    # what a checkpoint may name: places that are read (object stores go through fsspec, no program);
+    # never a program (pipe:, or webdataset gopen's sftp/scp/ais... which start one)
     for location in (str(small_shards), f"{small_shards}/val-{{000000..000001}}.tar",
-                     "https://example.com/shards", "file:///data/shards"):
+                     "https://example.com/shards", "file:///data/shards", "s3://bucket/shards",
+                     "gs://bucket/shards/val-000000.tar"):
         assert checkpoint_shards(location) == location
     for location in (f"{small_shards}/a.tar::pipe:touch {marker}", f"{{pipe:touch {marker},a}}.tar",
-                     "sftp://host/shards", "gs://bucket/shards/val-000000.tar", ""):
+                     "sftp://host/shards", "scp://host/shards/val-000000.tar", ""):
         with pytest.raises(ValueError, match="pass --shards"):
             checkpoint_shards(location)
