@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--precision", type=_precisions, default=("fp32",),
                       help="comma-separated: fp32 (always written: the default files) and/or fp16")
     onnx.add_argument("--shards", default=None,
-                      help="shard directory for verification images (default: the one in the checkpoint's config)")
+                      help="shards holding the verification images (a directory, pattern, URL or pipe: "
+                           "command); default: the checkpoint's data.shards when it is a local path or an "
+                           "http(s) URL (a checkpoint never chooses a command to run)")
     onnx.add_argument("--opset", type=int, default=20, help="ONNX opset")
     onnx.add_argument("--weights", choices=("ema", "raw"), default="ema",
                       help="EMA weights (when the checkpoint has them) or the raw optimizer weights")
@@ -96,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--alias", default=None, help="with --register: point this alias at the new version")
     _add_subcommands(commands, fmt)
     return parser
+
+
+def checkpoint_shards(location: str) -> str:
+    """The checkpoint's data.shards if every URL it names is read, not run (local, http(s), s3/gs); else ValueError.
+
+    A checkpoint is data, often someone else's: nothing in it may choose a command to run.
+    """
+    from pipeline.urls import expand_urls, runs_a_command
+
+    urls = expand_urls(location) if location else []
+    executing = [url for url in urls if runs_a_command(url)]
+    if not urls or executing:
+        what = f"names {executing[0]!r}, which is run, not read" if executing else "is empty"
+        raise ValueError(f"the checkpoint's data.shards {what}; a checkpoint never chooses a command to "
+                         "run: pass --shards with the validation shards (directory, pattern, URL or "
+                         "pipe: command of your own)")
+    return location
 
 
 def _validation_images(shards: str, config, max_images: int = 1024):
@@ -144,7 +163,14 @@ def export_main(args: argparse.Namespace) -> int:
         if args.weights == "raw" and weights == "ema":
             model.load_state_dict(state["model"])
             weights = "raw"
-        images = _validation_images(args.shards or config.data.shards, config)
+        if args.shards:
+            shards, chosen_by = args.shards, "--shards"
+        else:
+            shards, chosen_by = checkpoint_shards(config.data.shards), "the checkpoint's data.shards"
+            if config.data.val_shards:  # read beside data.shards below: held to the same rule
+                checkpoint_shards(config.data.val_shards)
+        images = _validation_images(shards, config)
+        print(f"verifying on {len(images)} validation images from {shards} ({chosen_by})")
         result = export_verified(model, config, state, args.out, images, precisions=args.precision,
                                  opset=args.opset, weights=weights, optimize_for=args.optimize,
                                  tolerances={"fp32": args.tolerance, "fp16": args.tolerance_fp16})

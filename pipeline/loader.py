@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import signal
 import tarfile
 import warnings
 import zlib
@@ -263,6 +264,17 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int
     return count
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader worker start: ignore SIGTERM and SIGINT; the process that owns the loader decides.
+
+    torchrun stops a job by signalling each trainer's whole process group, loader workers included;
+    a worker that died of it made the trainer fail before it could save. Ignoring the signal, a
+    worker ends when the trainer shuts the loader down, or when it sees its parent gone.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_train_loader(shards: ShardSet, *, batch_size: int, rank: int, world_size: int,
                       seed: int, num_workers: int = 1, epoch: int = 0,
                       error_budget: ErrorBudget | None = None, retry: RetryPolicy = DEFAULT_RETRY,
@@ -286,7 +298,8 @@ def make_train_loader(shards: ShardSet, *, batch_size: int, rank: int, world_siz
     dataset.epoch = epoch
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       persistent_workers=persistent_workers and num_workers > 0,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None,
+                      worker_init_fn=_leave_stop_signals_to_the_trainer)
 
 
 def iter_eval_batches(shards: ShardSet, *, batch_size: int, rank: int, world_size: int,

@@ -126,6 +126,14 @@ class _Prefixed(io.RawIOBase):
                 super().close()
 
 
+def runs_a_command(url: str) -> bool:
+    """True for a location that is run, not read: `pipe:` and webdataset's other gopen schemes
+    (sftp, scp, ais...) start programs; local paths, file://, http(s):// and object stores do not."""
+    if url.startswith("pipe:"):
+        return True
+    return is_remote(url) and not url.startswith(("http://", "https://")) and not is_store_url(url)
+
+
 def _open_once(url: str, timeout_s: float):
     if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=timeout_s)

@@ -219,3 +219,50 @@ def test_every_likelihood_exports_its_layout_and_constants(likelihood, channels,
     params, image = _session(tmp_path / "model" / "decoder.onnx").run(None, {"z": np.zeros((3, 16), np.float32)})
     assert params.shape == (3, channels, 28, 28) and image.shape == (3, 1, 28, 28)
     assert 0.0 <= image.min() and image.max() <= 1.0
+
+
+def test_a_checkpoint_never_chooses_a_command_to_run(trained_run, small_shards, tmp_path, capsys):
+    """The checkpoint's stored data.shards is someone else's text: a pipe: command in it is refused."""
+    import subprocess
+
+    from export.__main__ import checkpoint_shards, main
+    from tests.conftest import REPO, VENV_BIN, subprocess_env
+    from train.checkpoint import resolve_checkpoint
+
+    marker = tmp_path / "MARKER"
+    state = torch.load(resolve_checkpoint(trained_run), map_location="cpu", weights_only=True)
+    state["config"]["data"]["shards"] = f"pipe:touch {marker}; cat {small_shards}/val-000000.tar"
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    torch.save(state, checkpoint / "state.pt")
+    result = subprocess.run([str(VENV_BIN / "python"), "-m", "export", "--checkpoint", str(checkpoint),
+                             "--out", str(tmp_path / "model")], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert not marker.exists(), "the checkpoint's command ran"
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "pipe:touch" in result.stderr and "pass --shards" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "model").exists()
+
+    # the user names the data: exported, and the output says where the images came from
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "model"),
+                 "--shards", str(small_shards)]) == 0
+    assert f"validation images from {small_shards} (--shards)" in capsys.readouterr().out
+    assert not marker.exists()
+
+    # a pipe: command in the checkpoint's data.val_shards (read beside data.shards) is refused the same way
+    state["config"]["data"]["shards"] = str(small_shards)
+    state["config"]["data"]["val_shards"] = f"pipe:touch {marker}; cat {small_shards}/val-000000.tar"
+    torch.save(state, checkpoint / "state.pt")
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "model2")]) == 1
+    assert not marker.exists() and not (tmp_path / "model2").exists()
+
+    # what a checkpoint may name: places that are read (object stores go through fsspec, no program);
+    # never a program (pipe:, or webdataset gopen's sftp/scp/ais... which start one)
+    for location in (str(small_shards), f"{small_shards}/val-{{000000..000001}}.tar",
+                     "https://example.com/shards", "file:///data/shards", "s3://bucket/shards",
+                     "gs://bucket/shards/val-000000.tar"):
+        assert checkpoint_shards(location) == location
+    for location in (f"{small_shards}/a.tar::pipe:touch {marker}", f"{{pipe:touch {marker},a}}.tar",
+                     "sftp://host/shards", "scp://host/shards/val-000000.tar", ""):
+        with pytest.raises(ValueError, match="pass --shards"):
+            checkpoint_shards(location)

@@ -115,9 +115,15 @@ def torchrun_dests(launcher_args: list[str]) -> dict[str, str]:
     return found
 
 
+LAUNCHER = ["python", "-m", "train.launch"]  # torchrun's main, exiting 143 on SIGTERM (train/launch.py)
+
+
 def training_command(doc: dict) -> list[str]:
+    """The training container's command line, as `torchrun ...` (the launcher takes torchrun's flags)."""
     container = next(c for c in pod_spec(doc)["containers"] if c["name"] == "pytorch")
-    return container["command"] + container["args"]
+    command = container["command"] + container["args"]
+    assert command[:3] == LAUNCHER, f"training must run under {' '.join(LAUNCHER)} (exit 143 on preemption): {command}"
+    return ["torchrun", *command[3:]]
 
 
 def readme_scaling_out() -> str:
@@ -297,7 +303,7 @@ def test_project_commands_in_containers_parse_with_the_real_clis():
     for path, doc in workloads():
         for container in pod_spec(doc)["containers"]:
             argv = container.get("command", []) + container.get("args", [])
-            if argv[:2] != ["python", "-m"]:
+            if argv[:2] != ["python", "-m"] or argv[:3] == LAUNCHER:  # torchrun's flags: checked with its parser below
                 continue
             stage = argv[2]
             assert (REPO / stage / "__main__.py").is_file(), f"{path}: no package {stage}"

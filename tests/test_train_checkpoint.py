@@ -131,3 +131,123 @@ def test_only_the_newest_k_are_kept_and_loading_refuses_code(tmp_path):
     torch.save({"format_version": 2, "evil": Payload()}, tmp_path / "bad.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_stray_names_and_unreadable_checkpoints_are_passed_over_with_a_warning(small_shards, tmp_path, capfd):
+    from train.checkpoint import CheckpointWarning, UnreadableCheckpointError
+
+    run_training(tiny_config(small_shards, tmp_path, max_steps=4, checkpoint_interval_steps=2), CPU)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000002", "step-00000004"]
+    (checkpoints / "step-abc").mkdir()  # a stray directory once stopped every start
+    newest = checkpoints / "step-00000004" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut short, as by a full disk
+    capfd.readouterr()
+
+    with pytest.warns(CheckpointWarning) as caught:
+        summary = run_training(tiny_config(small_shards, tmp_path, max_steps=6, checkpoint_interval_steps=2), CPU)
+    messages = [str(w.message) for w in caught]
+    assert any("step-abc" in m and "not a checkpoint" in m for m in messages), messages
+    assert any("step-00000004" in m and "not a readable checkpoint" in m for m in messages), messages
+    assert f"resumed from {checkpoints / 'step-00000002'} at step 2" in capfd.readouterr().err
+    assert summary["steps"] == 6
+    assert load_checkpoint(checkpoints / "step-00000004")["step"] == 4  # saved again, whole this time
+
+    # export reads a run directory the same way; a named file that is garbage is a clear error
+    (checkpoints / "step-00000006" / "state.pt").write_bytes(b"garbage" * 1000)
+    with pytest.warns(CheckpointWarning, match="step-00000006"):
+        assert load_checkpoint(tmp_path / "run")["step"] == 4
+    with pytest.raises(UnreadableCheckpointError, match=r"step-00000006.state\.pt: not a readable checkpoint"):
+        load_checkpoint(checkpoints / "step-00000006")
+
+    # nothing readable at all: an error naming them, never a silent start from scratch over them
+    for path in list_checkpoints(checkpoints):
+        (path / "state.pt").write_bytes(b"")
+    with pytest.warns(CheckpointWarning), pytest.raises(UnreadableCheckpointError, match="no readable checkpoint"):
+        run_training(tiny_config(small_shards, tmp_path, max_steps=8), CPU)
+
+
+def test_checkpoints_are_saved_before_evaluations_that_fail(small_shards, tmp_path):
+    """Validation data that breaks at an evaluation must not cost the steps trained since the last save."""
+    from pipeline.urls import ShardOpenError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    (shards / "val-000001.tar").unlink()  # the image grids read val-000000 only: evaluations fail, start does not
+    checkpoints = tmp_path / "run" / "checkpoints"
+    with pytest.raises(ShardOpenError, match="val-000001.tar"):  # at the step-2 evaluation
+        run_training(tiny_config(shards, tmp_path, max_steps=4, checkpoint_interval_steps=2,
+                                 eval_interval_steps=2), CPU)
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000002"]
+    with pytest.raises(ShardOpenError, match="val-000001.tar"):  # at the final evaluation
+        run_training(tiny_config(shards, tmp_path, max_steps=3), CPU)
+    assert latest_checkpoint(checkpoints).name == "step-00000003"
+
+
+def test_skipped_samples_reach_metrics_jsonl_and_mlflow(digit_slice, tmp_path):
+    import tarfile
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.shards import write_shards
+    from tests.test_pipeline_bad_data import rewrite_tar
+
+    shards = tmp_path / "shards"
+    write_shards(digit_slice, shards, samples_per_shard=300, progress=False, layout="png")  # 1,080 train
+    bad = sorted(n for n in tarfile.open(shards / "train-000000.tar").getnames() if n.endswith(".png"))[3]
+    rewrite_tar(shards / "train-000000.tar", lambda name, payload: b"not a png" if name == bad else payload)
+
+    summary = run_training(tiny_config(shards, tmp_path, max_steps=3), CPU)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r for r in records if "data/skipped_samples" in r}
+    assert sorted(logged) == [1, 2, 3]
+    # one pass over every training shard fills the first shuffle window: all of it is read by step 1
+    assert logged[3]["data/skipped_samples"] == 1 and logged[3]["data/bad_shards"] == 0
+    assert logged[3]["data/read_samples"] >= 1079
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.parent}/mlflow.db")
+    for key in ("data/skipped_samples", "data/bad_shards", "data/read_samples"):
+        history = {(m.step, m.value) for m in client.get_metric_history(summary["mlflow_run_id"], key)}
+        assert history == {(step, r[key]) for step, r in logged.items()}, key
+
+
+FULL_DISK = """
+set -u
+mount -t tmpfs -o size=8m tmpfs "$DISK" || exit 90
+"$PYTHON" -m train --config "$CONFIG" --run.out_dir="$DISK/run" &
+trainer=$!
+while [ ! -d "$DISK/run/checkpoints/step-00000020" ]; do
+    kill -0 $trainer 2>/dev/null || break
+    sleep 0.05
+done
+head -c 64M /dev/zero > "$DISK/filler" 2>/dev/null  # fill the disk up (head stops at ENOSPC)
+wait $trainer
+echo "trainer exit $?"
+cp -r "$DISK/run/checkpoints" "$KEEP"  # the tmpfs goes with this namespace: keep what is left for the test
+"""
+
+
+def test_a_full_disk_is_reported_as_such_and_the_previous_checkpoint_stays(small_shards, tmp_path):
+    """A real full filesystem: a tmpfs of 8 MiB, mounted in a private mount namespace (unshare), filled
+    up while the trainer runs; its next checkpoint write meets ENOSPC."""
+    disk, keep = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            f"mount -t tmpfs -o size=1m tmpfs {disk}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private tmpfs mount here (unshare --user --mount: {probe.stderr.strip()[:200]})")
+    config = tiny_config(small_shards, tmp_path, max_steps=100000, checkpoint_interval_steps=20,
+                         log_interval_steps=100000)  # the checkpoint is the only write after the disk fills
+    from train.config import config_to_dict
+
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(config)))
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", FULL_DISK], cwd=REPO,
+        env=subprocess_env(DISK=str(disk), KEEP=str(keep), CONFIG=str(tmp_path / "config.json"),
+                           PYTHON=str(VENV_BIN / "python")), capture_output=True, text=True, timeout=300)
+    assert "trainer exit 1" in result.stdout, (result.stdout, result.stderr[-3000:])
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error (rank 0): no space left on device writing checkpoint "
+                            f"{disk}/run/checkpoints/step-00000040"), result.stderr[-3000:]
+    assert "previous checkpoints" in error and "intact" in error
+    assert sorted(p.name for p in keep.iterdir()) == ["step-00000020"]  # no half-written directory left
+    assert load_checkpoint(keep)["step"] == 20

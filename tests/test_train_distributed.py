@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -96,3 +97,83 @@ def test_kill_9_of_a_worker_is_restarted_and_resumes_into_the_same_run(small_sha
     assert runs[0].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/neg_elbo")}
     assert steps == set(range(5, 151, 5)), sorted(set(range(5, 151, 5)) - steps)  # no gap
+
+
+def rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
+    """The trainer processes torchrun started (its direct children that carry a RANK)."""
+    return [p for p in psutil.Process(launcher.pid).children() if "RANK" in p.environ()]
+
+
+def wait_for_metrics(process: subprocess.Popen, out: Path, lines: int, timeout_s: float = 240) -> None:
+    metrics = out / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while not (metrics.exists() and metrics.read_text().count("\n") >= lines):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+
+
+def test_sigterm_to_torchrun_saves_at_the_current_step_and_exits_143_with_loader_workers(small_shards, tmp_path):
+    """Kubernetes' preemption path: SIGTERM to the launcher; torchrun signals each trainer's whole process
+    group, DataLoader workers included. `python -m train.launch` is torchrun with the exit status 143."""
+    process = subprocess.Popen(
+        [str(VENV_BIN / "python"), "-m", "train.launch", "--standalone", "--nproc_per_node=2", "-m", "train",
+         *train_flags(small_shards, tmp_path, max_steps=100000), "--data.num_workers=2"],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_metrics(process, tmp_path, lines=3)
+        process.send_signal(signal.SIGTERM)  # kill -TERM <torchrun>
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr[-4000:]
+    done = summaries(stdout)
+    assert [s["stopped_by"] for s in done] == ["sigterm", "sigterm"], stderr[-4000:]
+    steps = done[0]["steps"]
+    assert done[1]["steps"] == steps >= 3
+    from train.checkpoint import latest_checkpoint, load_checkpoint
+
+    newest = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert newest is not None and newest.name == f"step-{steps:08d}"  # the step they stopped at
+    assert load_checkpoint(newest)["position"]["step"] == steps
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == steps and last["data/skipped_samples"] == 0 and last["data/read_samples"] >= 2 * 16 * steps
+
+
+def test_kill_9_of_torchrun_stops_its_ranks_and_a_second_trainer_is_refused(small_shards, tmp_path):
+    """torchrun SIGKILLed alone: its trainers (in sessions of their own) must not train on unsupervised.
+    While they run, a second trainer on the same run directory is refused."""
+    import fcntl
+
+    flags = train_flags(small_shards, tmp_path, max_steps=100000)
+    process = subprocess.Popen([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
+                                *flags], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    ranks: list[psutil.Process] = []
+    try:
+        wait_for_metrics(process, tmp_path, lines=2)
+        ranks = rank_processes(process)
+        assert len(ranks) == 2
+        rank0 = next(p for p in ranks if p.environ()["RANK"] == "0")
+        second = subprocess.run([str(VENV_BIN / "python"), "-m", "train", *flags, "--run.max_steps=1"],
+                                cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+        assert second.returncode == 1, second.stderr[-3000:]
+        assert f"is in use by another trainer (pid {rank0.pid} on " in second.stderr, second.stderr[-3000:]
+
+        process.kill()  # kill -9 <torchrun>, and nothing else
+        process.wait(timeout=30)
+        _, alive = psutil.wait_procs(ranks, timeout=90)
+        assert not alive, f"ranks still running 90 s after torchrun died: {[p.pid for p in alive]}"
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        for rank in ranks:
+            if rank.is_running():
+                rank.kill()
+    # they took the SIGTERM path: a checkpoint at the step they reached, and the lock is free again
+    done = summaries(stdout)
+    assert [s["stopped_by"] for s in done] == ["sigterm", "sigterm"], stderr[-4000:]
+    from train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == f"step-{done[0]['steps']:08d}"
+    with open(tmp_path / "run" / "run.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

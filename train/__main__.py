@@ -16,7 +16,9 @@ Trains the convolutional VAE on WebDataset shards written by `python -m pipeline
 with DistributedDataParallel across the processes torchrun starts (gloo on CPU, NCCL on GPU),
 bf16 autocast where supported, atomic checkpoints (resumed automatically) and MLflow tracking.
 Each rank prints one JSON summary line at the end. A job started again resumes from the newest
-checkpoint; SIGTERM saves a checkpoint and exits with 143.
+checkpoint (an unreadable newest one is passed over, with a warning). SIGTERM saves a checkpoint
+and exits with 143; under torchrun use `python -m train.launch` (torchrun's flags) so that the
+launcher, too, exits 143 rather than 1. One trainer per --run.out_dir: a second one is refused.
 """
 
 
@@ -36,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     # bench notes in BENCHMARKS.md); set OMP_WAIT_POLICY yourself to override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from train.distributed import setup_distributed, teardown_distributed
+    from train.run_lock import RunDirInUseError
     from train.trainer import EXIT_PREEMPTED, run_training
 
     context = setup_distributed()
     try:
         summary = run_training(config, context)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+    # OSError: shards that cannot be opened, a full disk while checkpointing (the message says which)
+    except (ValueError, OSError, FloatingPointError, RunDirInUseError) as error:
         print(f"error (rank {context.rank}): {error}", file=sys.stderr)
         return EXIT_FAILURE
     finally:

@@ -1,13 +1,21 @@
 """Atomic checkpoints: a directory per step, written under a temporary name, fsynced, renamed.
 
-Loading uses `torch.load(weights_only=True)`: a checkpoint is data, never code.
+Loading uses `torch.load(weights_only=True)`: a checkpoint is data, never code. Reading a run's
+newest checkpoint passes over ones that cannot be read (truncated, garbage, not data) to the
+previous complete one, with a warning; a directory whose name is not step-N is ignored, with a
+warning.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import pickle
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +24,23 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: model/optimizer/scheduler only; 2 adds EMA, scaler, RNG, data position
 STATE_FILE = "state.pt"
 STEP_PREFIX = "step-"
+STEP_NAME = re.compile(r"step-([0-9]+)")
+TEMPORARY_PREFIX = f".tmp-{STEP_PREFIX}"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint directory entry that was passed over; the message names it and why."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk); its message names it and the cause."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class UnreadableCheckpointError(ValueError):
+    """A state.pt that torch cannot load as a checkpoint; the message names the file and the reason."""
 
 
 def _fsync_path(path: Path) -> None:
@@ -27,19 +52,36 @@ def _fsync_path(path: Path) -> None:
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int = 3) -> Path:
-    """Write `state` to DIR/step-NNNNNNNN/ atomically and keep only the newest `keep` of them."""
+    """Write `state` to DIR/step-NNNNNNNN/ atomically and keep only the newest `keep` of them.
+
+    A write that fails (a full disk) removes its temporary directory, leaves every earlier
+    checkpoint as it was and raises OSError naming the checkpoint and the cause.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{STEP_PREFIX}{step:08d}"
-    temporary = directory / f".tmp-{STEP_PREFIX}{step:08d}-{os.getpid()}"
-    for stale in directory.glob(f".tmp-{STEP_PREFIX}*"):  # left by a writer that was killed mid-write
+    temporary = directory / f"{TEMPORARY_PREFIX}{step:08d}-{os.getpid()}"
+    for stale in directory.glob(f"{TEMPORARY_PREFIX}*"):  # left by a writer that was killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
-    temporary.mkdir()
-    torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, temporary / STATE_FILE)
-    (temporary / "config.json").write_text(json.dumps(state.get("config", {}), indent=2))
-    for child in temporary.iterdir():
-        _fsync_path(child)
-    _fsync_path(temporary)
+    # Serialised in memory first: torch.save writing to a file reports a full disk as an opaque
+    # stream error ("basic_ios::clear", "unexpected pos"); Python's own write raises ENOSPC.
+    buffer = io.BytesIO()
+    torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, buffer)
+    try:
+        temporary.mkdir()
+        with open(temporary / STATE_FILE, "wb") as file:
+            file.write(buffer.getbuffer())
+        (temporary / "config.json").write_text(json.dumps(state.get("config", {}), indent=2))
+        for child in temporary.iterdir():
+            _fsync_path(child)
+        _fsync_path(temporary)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)  # free what it took; the earlier ones stay
+        cause = os.strerror(error.errno).lower() if error.errno else str(error)
+        raise CheckpointWriteError(error.errno or errno.EIO,
+                      f"{cause} writing checkpoint {final} ({len(buffer.getbuffer()) / 2**20:.1f} MiB); "
+                      f"the previous checkpoints in {directory} are intact") from error
+    del buffer
     if final.exists():  # the same step saved twice (e.g. end of run on an interval): replace it
         shutil.rmtree(final)
     temporary.rename(final)
@@ -49,44 +91,119 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int = 3
     return final
 
 
+def _step_of(path: Path) -> int | None:
+    match = STEP_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first (temporary ones are never listed)."""
+    """Complete checkpoint directories, oldest first.
+
+    Temporary directories are never listed; anything else that is not a step-N directory holding
+    a state.pt is ignored with a CheckpointWarning (a stray `step-abc` must not stop a run).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir()
-             if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(STEP_PREFIX)))
+    found = []
+    for path in directory.iterdir():
+        if path.name.startswith(TEMPORARY_PREFIX):
+            continue
+        step = _step_of(path)
+        if step is None or not path.is_dir():
+            warnings.warn(f"ignoring {path}: not a checkpoint (expected directories named "
+                          f"{STEP_PREFIX}NNNNNNNN)", CheckpointWarning, stacklevel=2)
+        elif not (path / STATE_FILE).is_file():
+            warnings.warn(f"ignoring {path}: no {STATE_FILE} in it", CheckpointWarning, stacklevel=2)
+        else:
+            found.append((step, path))
+    return [path for _, path in sorted(found)]
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None."""
+    """The newest complete checkpoint directory, or None (it may still be unreadable: see load_latest)."""
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def _load_failure(error: Exception) -> str:
+    """torch.load's long error, cut to the part that says what is wrong with the file."""
+    text = " ".join(str(error).split())
+    if isinstance(error, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0]
+        return f"not loadable as data only, weights_only refused it: {detail.strip().split('. ')[0][:300]}"
+    if isinstance(error, EOFError) or not text:
+        return f"{type(error).__name__}: empty or cut short"
+    return f"{type(error).__name__}: {text.split('. ')[0][:300]}"
+
+
+def read_state(file: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """One state.pt, loaded as data only; anything unreadable is an UnreadableCheckpointError."""
+    file = Path(file)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, MemoryError) as error:
+        raise UnreadableCheckpointError(f"{file}: not a readable checkpoint ({_load_failure(error)})") from error
+    if not isinstance(state, dict):
+        raise UnreadableCheckpointError(f"{file}: not a readable checkpoint (holds a {type(state).__name__}, "
+                                        "not a dict)")
+    if state.get("format_version") not in READABLE_VERSIONS:
+        raise UnreadableCheckpointError(f"{file}: checkpoint format {state.get('format_version')!r}, "
+                                        f"expected one of {READABLE_VERSIONS}")
+    return state
+
+
+def load_latest(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
+    """(step directory, state) of the newest checkpoint that loads, or None when there is none.
+
+    An unreadable one is passed over for the one before it, with a CheckpointWarning; when
+    checkpoints exist but none loads, that is an error (starting over would bury them).
+    """
+    found = list_checkpoints(directory)
+    failures = []
+    for path in reversed(found):
+        try:
+            return path, read_state(path / STATE_FILE, map_location)
+        except UnreadableCheckpointError as error:
+            failures.append(str(error))
+            warnings.warn(f"{error}; trying the checkpoint before it", CheckpointWarning, stacklevel=2)
+    if failures:
+        raise UnreadableCheckpointError(f"no readable checkpoint in {directory}: " + "; ".join(failures)
+                                        + " (move them away to start from scratch)")
+    return None
+
+
+def _checkpoints_dir(path: Path) -> Path:
+    """A run directory's checkpoints/ folder; any other directory as it is."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A state.pt path from a file, a step directory, a checkpoints directory or a run directory."""
     path = Path(path)
-    candidates = [path, path / STATE_FILE]
-    for root in (path, path / "checkpoints"):
-        newest = latest_checkpoint(root)
-        if newest is not None:
-            candidates.append(newest / STATE_FILE)
-    for candidate in candidates:
+    for candidate in (path, path / STATE_FILE):
         if candidate.is_file():
             return candidate
+    newest = latest_checkpoint(_checkpoints_dir(path))
+    if newest is not None:
+        return newest / STATE_FILE
     raise FileNotFoundError(f"no checkpoint at {path} (looked for {STATE_FILE} and step-* directories)")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint's state dict safely; a wrong format version is a clear error."""
-    file = resolve_checkpoint(path)
-    state = torch.load(file, map_location=map_location, weights_only=True)
-    if state.get("format_version") not in READABLE_VERSIONS:
-        raise ValueError(f"{file}: checkpoint format {state.get('format_version')!r}, expected one of "
-                         f"{READABLE_VERSIONS}")
-    return state
+    """A checkpoint's state dict, loaded as data only.
+
+    A state.pt or a step directory is loaded as it is (unreadable: a clear error); a checkpoints
+    or run directory gives its newest readable checkpoint (see load_latest).
+    """
+    path = Path(path)
+    for candidate in (path, path / STATE_FILE):
+        if candidate.is_file():
+            return read_state(candidate, map_location)
+    loaded = load_latest(_checkpoints_dir(path), map_location) if path.is_dir() else None
+    if loaded is None:
+        raise FileNotFoundError(f"no checkpoint at {path} (looked for {STATE_FILE} and step-* directories)")
+    return loaded[1]
 
 
 def load_model(path: str | Path):

@@ -20,6 +20,8 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str
+    agent_pid: int | None = None
+    """The torchrun agent that started this process (None without torchrun): see agent_gone."""
 
     @property
     def is_main(self) -> bool:
@@ -28,6 +30,21 @@ class DistContext:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    def agent_gone(self) -> bool:
+        """True when the torchrun agent that started this process has died (SIGKILL, OOM kill)."""
+        return self.agent_pid is not None and os.getppid() != self.agent_pid
+
+
+def torchrun_agent_pid() -> int | None:
+    """The pid of the torchrun agent that started this process, or None without torchrun.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL of the agent alone leaves the
+    workers training on, unsupervised: the trainer polls `agent_gone()` at every step. (Not
+    PR_SET_PDEATHSIG: the kernel sends it again each time the orphan passes to another of the dying
+    agent's threads, so workers got two SIGTERMs in 2 of 3 tries and the second cut the save short.)
+    """
+    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # set by torchrun's agent
 
 
 def setup_distributed() -> DistContext:
@@ -40,9 +57,10 @@ def setup_distributed() -> DistContext:
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
+    agent_pid = torchrun_agent_pid()
     if world_size > 1:
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return DistContext(rank, world_size, local_rank, device, backend)
+    return DistContext(rank, world_size, local_rank, device, backend, agent_pid)
 
 
 def teardown_distributed(context: DistContext) -> None:

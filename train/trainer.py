@@ -19,13 +19,14 @@ from pipeline.images import make_grid
 from pipeline.data import open_train_val
 from pipeline.errors import ErrorBudget
 from pipeline.loader import ShardSet, batches_per_epoch, iter_eval_batches, make_train_loader
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import load_latest, save_checkpoint
 from train.config import TrainConfig, binarizes, config_to_dict
 from train.distributed import DistContext, all_reduce_sum
 from train.evaluate import binarize, evaluate, interpolation_images, sample_grid_images
 from train.loss import training_objective, vae_loss
 from train.model import ConvVAE, build_model
 from train.precision import autocast, make_grad_scaler, resolve_precision
+from train.run_lock import RunDirInUseError, RunDirLock
 from train.tracking import make_tracker, readable_run_name, system_metrics
 
 from pipeline.cli import EXIT_PREEMPTED  # 128 + SIGTERM, what Kubernetes and torchrun expect
@@ -67,7 +68,8 @@ def check_data_matches_model(config: TrainConfig, image_shape: tuple[int, int, i
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (Kubernetes preemption, torchrun stopping workers); read once per step.
+    """Set by SIGTERM (Kubernetes preemption, torchrun stopping workers, the torchrun agent's
+    death) or by `request`; read once per step, agreed on by every rank, then: save, exit 143.
 
     A second SIGTERM exits at once, for a process stuck where the flag is never read.
     """
@@ -76,11 +78,14 @@ class PreemptionFlag:
         self.set = False
         self._previous = None
 
+    def request(self, reason: str) -> None:
+        self.set = True
+        print(f"{reason}: saving a checkpoint at the end of this step, then exiting", file=sys.stderr, flush=True)
+
     def _handle(self, signum, frame) -> None:
         if self.set:
             raise SystemExit(EXIT_PREEMPTED)
-        self.set = True
-        print("SIGTERM: saving a checkpoint at the end of this step, then exiting", file=sys.stderr, flush=True)
+        self.request("SIGTERM")
 
     def __enter__(self) -> PreemptionFlag:
         try:
@@ -141,8 +146,45 @@ def first_val_images(val_shards: ShardSet, count: int = 64) -> torch.Tensor:
     raise ValueError("the validation split is empty")
 
 
+def lock_run_dir(out_dir: str, context: DistContext) -> RunDirLock | None:
+    """Rank 0 (the one that writes the run directory) locks it; when it cannot, every rank raises."""
+    lock, refusal = None, ""
+    if context.is_main:
+        try:
+            lock = RunDirLock(out_dir)
+        except RunDirInUseError as error:
+            refusal = str(error)
+    refused = all_reduce_sum(torch.tensor([float(bool(refusal))], device=context.device), context)
+    if refused.item() > 0:
+        raise RunDirInUseError(refusal or f"rank 0 could not lock run directory {out_dir} (see its error)")
+    return lock
+
+
+def agree_on_resume_step(step: int, checkpoint_dir: Path, context: DistContext) -> None:
+    """Every rank must continue from the same checkpoint (a collective: all ranks call it)."""
+    if not context.is_distributed:
+        return
+    bounds = torch.tensor([step, -step], dtype=torch.float64, device=context.device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    if bounds[0] != -bounds[1]:
+        raise ValueError(f"ranks found different newest checkpoints in {checkpoint_dir} (steps "
+                         f"{-bounds[1]:.0f} to {bounds[0]:.0f}); is it on a filesystem every rank sees alike?")
+
+
 def run_training(config: TrainConfig, context: DistContext) -> dict:
-    """Train until a step, epoch or time limit (or SIGTERM); returns a summary dict (printed by every rank)."""
+    """Train until a step, epoch or time limit (or SIGTERM); returns a summary dict (printed by every rank).
+
+    The run directory is locked for the whole run: a second trainer on it is refused.
+    """
+    lock = lock_run_dir(config.run.out_dir, context)
+    try:
+        return _train(config, context)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, context: DistContext) -> dict:
     torch.manual_seed(config.run.seed)
     precision = resolve_precision(config.run.precision, context.device)
     data, model_shape = config.data, (config.model.image_size, config.model.image_size, config.model.channels)
@@ -167,9 +209,9 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
     position = Position()
     checkpoint_dir = Path(config.run.out_dir) / "checkpoints"
     run_id = None
-    resume_from = latest_checkpoint(checkpoint_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=context.device)
+    loaded = load_latest(checkpoint_dir, map_location=context.device)  # unreadable ones: warned, passed over
+    if loaded is not None:
+        resume_from, state = loaded
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state.get("ema") or state["model"])
@@ -191,6 +233,7 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
         run_id = state.get("mlflow_run_id")
         if context.is_main:
             print(f"resumed from {resume_from} at step {position.step}", file=sys.stderr, flush=True)
+    agree_on_resume_step(position.step, checkpoint_dir, context)
 
     wrapped = DistributedDataParallel(model) if context.is_distributed else model
     if config.run.compile:
@@ -205,6 +248,7 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                                num_workers=config.data.num_workers,
                                error_budget=ErrorBudget(config.data.max_bad_samples, config.data.max_bad_fraction))
     binarize_inputs = binarizes(config)
+    data_errors = loader.dataset.errors  # skipped samples and bad shards, counted across worker processes
     grid_images = first_val_images(val_shards).to(context.device).float().div_(255.0)
 
     def save() -> Path | None:
@@ -294,6 +338,8 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                                 f"non-finite loss or gradients for {consecutive_skips} steps in a row, "
                                 f"the last at step {position.step} (epoch {position.epoch}, batch "
                                 f"{position.batch_in_epoch}); lower optim.lr or check the data")
+                    if not preempted.set and context.agent_gone():  # torchrun was SIGKILLed: stop as for SIGTERM
+                        preempted.request(f"the torchrun agent (pid {context.agent_pid}) is gone")
                     # Stop decisions are shared: SIGTERM on any rank and rank 0's clock, summed.
                     flags = torch.tensor([float(preempted.set),
                                           time.monotonic() - started if context.is_main else 0.0])
@@ -311,10 +357,10 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                         position.epoch += 1
                         position.batch_in_epoch = 0
                     if window_images and (position.step % config.run.log_interval_steps == 0 or stopped_by):
-                        data_errors = loader.dataset.errors.metrics()  # this rank's; summed over ranks below
+                        data = [data_errors.num_skipped_samples, data_errors.num_bad_shards,
+                                data_errors.num_read_samples]  # this start's counts, every rank's summed
                         totals = all_reduce_sum(torch.cat([window, window.new_tensor(
-                            [window_images, window_wait, *data_errors.values()])]), context)
-                        data_errors = dict(zip(data_errors, totals[5:].tolist()))
+                            [window_images, window_wait, *data])]), context)
                         elapsed = time.perf_counter() - window_start
                         nelbo, recon, kl = (totals[:3] / totals[3]).tolist()
                         metrics = {"train/neg_elbo": nelbo, "train/recon": recon, "train/kl": kl,
@@ -324,7 +370,8 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                                    "train/data_wait_share": totals[4].item() / context.world_size / elapsed,
                                    "train/skipped_steps": position.skipped_steps,
                                    "train/epoch": position.epoch + position.batch_in_epoch / num_batches,
-                                   **data_errors}
+                                   "data/skipped_samples": totals[5].item(), "data/bad_shards": totals[6].item(),
+                                   "data/read_samples": totals[7].item()}
                         if config.run.system_metrics and context.is_main:
                             metrics.update(system_metrics(context.device))
                         tracker.log_metrics(metrics, position.step)
@@ -333,19 +380,20 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
                     if stopped_by:
                         break
                     pause_start = time.perf_counter()
-                    if position.step % config.run.eval_interval_steps == 0 and finite:
-                        val_metrics = evaluate_and_log(config.run.iwae_samples)
+                    # Save before evaluating: bad validation data must not cost the steps since the last save.
                     if position.step % config.run.checkpoint_interval_steps == 0 and finite:
                         save()
+                    if position.step % config.run.eval_interval_steps == 0 and finite:
+                        val_metrics = evaluate_and_log(config.run.iwae_samples)
                     window_start += time.perf_counter() - pause_start  # samples/s counts training only
             if stopped_by == "sigterm":
                 save()
                 status = "KILLED"
             else:
-                val_metrics = evaluate_and_log(config.run.final_iwae_samples)
-                final = save()
+                final = save()  # before the final evaluation, which reads validation data that may fail
                 if final is not None:
                     tracker.log_artifacts(final, "checkpoint")
+                val_metrics = evaluate_and_log(config.run.final_iwae_samples)
                 status = "FINISHED"
     finally:
         tracker.close(status)
