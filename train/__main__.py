@@ -7,6 +7,7 @@ import os
 import sys
 
 from train.config import ConfigError, help_text, parse_args
+from train.presets import presets_help
 
 USAGE = """usage: torchrun --standalone --nproc_per_node=N -m train [--config FILE.json] [--section.field=value ...]
        python -m train ...   (one process, no torchrun needed)
@@ -22,7 +23,7 @@ checkpoint; SIGTERM saves a checkpoint and exits with 143.
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(USAGE + "\n" + help_text())
+        print(USAGE + "\n" + presets_help() + "\n\n" + help_text())
         return 0
     try:
         config = parse_args(argv)

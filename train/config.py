@@ -11,8 +11,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.presets import apply_preset
+
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "discretized_logistic")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ARCHITECTURES = ("conv", "resnet")
 
 
 @dataclass(frozen=True)
@@ -32,20 +35,28 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    preset: str = "conv"
+    """Named defaults for the fields below (conv, resnet-s, resnet-m, resnet-l: see --help); explicit flags win."""
+    architecture: str = "conv"
+    """conv (two stride-2 convolutions, for digits) or resnet (GroupNorm residual stages, scales with size)."""
     image_size: int = 28
-    """Height and width of the (square) images; a multiple of 4."""
+    """Height and width of the (square) images; conv: a multiple of 4."""
     channels: int = 1
     """Image channels: 1 (grey) or 3 (RGB)."""
     latent_dim: int = 16
     """Size of z."""
     widths: tuple[int, ...] = (32, 64)
-    """Channels of the two stride-2 convolutions (the decoder mirrors them)."""
+    """conv: channels of the two stride-2 convolutions; resnet: channels per stage from full size down (the last repeats)."""
     hidden_dim: int = 256
     """Width of the dense layer between the convolutions and the latent."""
     blocks_per_stage: int = 0
-    """Extra 3x3 conv blocks at each resolution, in encoder and decoder (the depth)."""
+    """conv: extra 3x3 conv blocks at each resolution; resnet: residual blocks per stage (encoder and decoder)."""
     residual: bool = False
-    """Make those extra blocks residual (x + conv(act(conv(act(x)))))."""
+    """conv: make those extra blocks residual (x + conv(act(conv(act(x)))))."""
+    attention: bool = False
+    """resnet: self-attention at the lowest resolution (in encoder and decoder)."""
+    lowest_resolution: int = 4
+    """resnet: halve the side while it stays even and at least this (28 -> 14 -> 7, 64 -> ... -> 4)."""
     likelihood: str = "bernoulli"
     """p(x|z): bernoulli, gaussian (fixed sigma), gaussian_learned, discretized_logistic (8-bit)."""
     gaussian_sigma: float = 0.1
@@ -166,14 +177,21 @@ def binarizes(config: TrainConfig) -> bool:
 def _validate(config: TrainConfig) -> list[str]:
     problems = []
     model, data, run, optim = config.model, config.data, config.run, config.optim
-    if model.image_size % 4 or model.image_size < 4:
-        problems.append(f"model.image_size: must be a positive multiple of 4, got {model.image_size}")
+    if model.architecture not in ARCHITECTURES:
+        problems.append(f"model.architecture: expected one of {', '.join(ARCHITECTURES)}, got {model.architecture!r}")
+    if model.architecture == "conv" and (model.image_size % 4 or model.image_size < 4):
+        problems.append(f"model.image_size: must be a positive multiple of 4 for the conv architecture, "
+                        f"got {model.image_size}")
+    if model.architecture == "resnet" and model.image_size < 1:
+        problems.append(f"model.image_size: must be >= 1, got {model.image_size}")
     if model.channels not in (1, 3):
         problems.append(f"model.channels: must be 1 or 3, got {model.channels}")
     if model.likelihood not in LIKELIHOODS:
         problems.append(f"model.likelihood: expected one of {', '.join(LIKELIHOODS)}, got {model.likelihood!r}")
-    if len(model.widths) != 2 or min(model.widths, default=0) < 1:
-        problems.append(f"model.widths: expected two positive widths, got {model.widths}")
+    if model.architecture == "conv" and (len(model.widths) != 2 or min(model.widths, default=0) < 1):
+        problems.append(f"model.widths: expected two positive widths for the conv architecture, got {model.widths}")
+    if model.architecture == "resnet" and (not model.widths or min(model.widths) < 1):
+        problems.append(f"model.widths: expected one or more positive widths, got {model.widths}")
     if model.gaussian_sigma <= 0:
         problems.append(f"model.gaussian_sigma: must be > 0, got {model.gaussian_sigma}")
     if str(data.dynamic_binarization).lower() not in BINARIZATION_CHOICES:
@@ -181,6 +199,7 @@ def _validate(config: TrainConfig) -> list[str]:
     elif binarizes(config) and model.likelihood != "bernoulli":
         problems.append(f"data.dynamic_binarization: needs model.likelihood=bernoulli, got {model.likelihood!r}")
     for name, value in (("model.latent_dim", model.latent_dim), ("model.hidden_dim", model.hidden_dim),
+                        ("model.lowest_resolution", model.lowest_resolution),
                         ("data.batch_size", data.batch_size), ("data.eval_batch_size", data.eval_batch_size),
                         ("run.eval_interval_steps", run.eval_interval_steps),
                         ("run.log_interval_steps", run.log_interval_steps),
@@ -223,7 +242,10 @@ def build_config(overrides: dict[str, dict[str, object]] | None = None) -> Train
         known = {f.name: f for f in dataclasses.fields(section_type)}
         hints = typing.get_type_hints(section_type)
         values = {}
-        for key, value in (overrides.get(section.name) or {}).items():
+        given = dict(overrides.get(section.name) or {})
+        if section.name == "model":  # a preset fills in the model fields not given explicitly
+            given = apply_preset(given, problems)
+        for key, value in given.items():
             if key not in known:
                 problems.append(f"{section.name}.{key}: unknown field; expected one of {sorted(known)}")
                 continue

@@ -78,9 +78,63 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-class ConvVAE(nn.Module):
+class VAE(nn.Module):
+    """What every architecture shares: `encoder` maps images to (B, 2 * latent) posterior
+    parameters, `decode_features` maps z to raw likelihood parameters; this class turns those into
+    the posterior object, bounds the log-scales and knows the likelihood's constants."""
+
+    config: ModelConfig
+    encoder: nn.Module
+    num_param_channels: int
+
+    def _init_output_bias(self, last: nn.Conv2d | nn.ConvTranspose2d) -> None:
+        if self.config.likelihood in ("gaussian", "gaussian_learned", "discretized_logistic"):
+            # start the mean at mid-grey and the scale at about 1/8, not at the edges of [0, 1]
+            nn.init.zeros_(last.bias)
+            with torch.no_grad():
+                last.bias[: self.config.channels] = 0.5
+                if self.num_param_channels > self.config.channels:
+                    last.bias[self.config.channels:] = -2.0
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Images in [0, 1], (B, C, H, W) -> q(z|x)."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode_features(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, latent) -> likelihood parameters (B, C or 2C, H, W); layouts in train.loss."""
+        params = self.decode_features(z)
+        if self.num_param_channels > self.config.channels:
+            mean, log_scale = params.chunk(2, dim=1)
+            params = torch.cat([mean, log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)], dim=1)
+        return params
+
+    def image_mean(self, params: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters from `decode` -> the image mean E[x|z] in [0, 1]."""
+        from train.loss import image_mean
+
+        return image_mean(params, self.config.likelihood)
+
+    def likelihood_params(self) -> dict[str, float]:
+        """Constants of the likelihood that are not in `decode`'s output (for model.json)."""
+        if self.config.likelihood == "gaussian":
+            return {"sigma": self.config.gaussian_sigma}
+        if self.config.likelihood == "discretized_logistic":
+            return {"bin_width": 1 / 255}
+        return {}
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator)), posterior
+
+
+class ConvVAE(VAE):
     """Two stride-2 convolutions down (with optional blocks at each resolution), a dense
-    bottleneck, and the mirror image up to the likelihood's parameters."""
+    bottleneck, and the mirror image up to the likelihood's parameters (the `conv` preset)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -112,49 +166,16 @@ class ConvVAE(nn.Module):
             *_stage(width1, depth, residual),
             nn.ConvTranspose2d(width1, self.num_param_channels, 4, stride=2, padding=1),  # (B, P, S, S)
         )
-        if config.likelihood in ("gaussian", "gaussian_learned", "discretized_logistic"):
-            # start the mean at mid-grey and the scale at about 1/8, not at the edges of [0, 1]
-            last = self.decoder_conv[-1]
-            nn.init.zeros_(last.bias)
-            with torch.no_grad():
-                last.bias[: config.channels] = 0.5
-                if self.num_param_channels > config.channels:
-                    last.bias[config.channels:] = -2.0
+        self._init_output_bias(self.decoder_conv[-1])
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Images in [0, 1], (B, C, H, W) -> q(z|x)."""
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
-        return DiagonalGaussian(mean, logvar)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, latent) -> likelihood parameters (B, C or 2C, H, W); layouts in train.loss."""
-        features = self.decoder_dense(z).view(-1, *self.feature_shape)
-        params = self.decoder_conv(features)
-        if self.num_param_channels > self.config.channels:
-            mean, log_scale = params.chunk(2, dim=1)
-            params = torch.cat([mean, log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)], dim=1)
-        return params
-
-    def image_mean(self, params: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters from `decode` -> the image mean E[x|z] in [0, 1]."""
-        from train.loss import image_mean
-
-        return image_mean(params, self.config.likelihood)
-
-    def likelihood_params(self) -> dict[str, float]:
-        """Constants of the likelihood that are not in `decode`'s output (for model.json)."""
-        if self.config.likelihood == "gaussian":
-            return {"sigma": self.config.gaussian_sigma}
-        if self.config.likelihood == "discretized_logistic":
-            return {"bin_width": 1 / 255}
-        return {}
-
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, DiagonalGaussian]:
-        posterior = self.encode(x)
-        return self.decode(posterior.sample(generator)), posterior
+    def decode_features(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder_conv(self.decoder_dense(z).view(-1, *self.feature_shape))
 
 
-def build_model(config: ModelConfig) -> ConvVAE:
-    """The model a ModelConfig describes."""
+def build_model(config: ModelConfig) -> VAE:
+    """The model a ModelConfig describes (`model.architecture`: conv or resnet)."""
+    if config.architecture == "resnet":
+        from train.resnet import ResNetVAE
+
+        return ResNetVAE(config)
     return ConvVAE(config)
