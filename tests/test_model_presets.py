@@ -119,7 +119,7 @@ def test_resnet_at_128_and_256_px_has_the_right_shapes(size):
     with torch.no_grad():
         posterior = model.encode(torch.rand(1, 3, size, size))
         params = model.decode(posterior.mean)
-    assert model.feature_shape == (4, 8, 8) and params.shape == (1, 6, size, size)
+    assert model.feature_shape == (4, 4, 4) and params.shape == (1, 6, size, size)
 
 
 def test_conv_flops_match_a_hand_count():
@@ -127,6 +127,14 @@ def test_conv_flops_match_a_hand_count():
     hand = 2 * (1 * 32 * 16 * 14 * 14 + 32 * 64 * 16 * 7 * 7 + 64 * 7 * 7 * 256 + 256 * 32    # encoder
                 + 16 * 256 + 256 * 64 * 7 * 7 + 64 * 32 * 16 * 7 * 7 + 32 * 1 * 16 * 14 * 14)  # decoder
     assert preset_figures("conv", 28, channels=1, likelihood="bernoulli") == (CONV_PARAMETERS, hand)
+
+
+def test_stored_figures_are_the_measured_ones():
+    from train.presets import FIGURES, measure_figures
+
+    measured = measure_figures()
+    assert measured == FIGURES, f"a preset changed: set train.presets.FIGURES = {measured}"
+    assert FIGURES["conv"][28][0] == CONV_PARAMETERS
 
 
 def test_help_lists_every_preset_with_its_figures():
@@ -138,7 +146,13 @@ def test_help_lists_every_preset_with_its_figures():
         row = next(line for line in lines if line.split()[:1] == [name])
         assert f"{preset.sizes[0]}-{preset.sizes[1]} px" in row
     assert any("1.69M" in line and "10.1M" in line for line in lines if line.split()[:1] == ["conv"])
-    parameters, flops = preset_figures("resnet-m", 128)
-    assert any(f"{parameters / 1e6:.3g}M" in line and f"{flops / 1e9:.3g}G" in line and "128 px" in line
-               for line in lines)
+    assert any(line.split() == ["128", "px", "28.4M", "13.4G"] for line in lines)  # resnet-m at 128 px
     assert "--model.preset=conv" in result.stdout
+
+
+def test_run_names_say_the_preset():
+    from train.tracking import readable_run_name
+
+    name = readable_run_name(build_config({"model": {"preset": "resnet-m"}}), 1, "fp32")
+    assert name.startswith("bernoulli-resnet-m-z64-32x64x128x256-")
+    assert readable_run_name(build_config({}), 1, "fp32").startswith("bernoulli-z16-32x64-bs128-")

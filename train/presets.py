@@ -30,7 +30,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "conv": Preset(
         {}, (28, 32),
-        "the original digits net (ModelConfig's defaults): two stride-2 convolutions, a dense bottleneck",
+        "the original digits net and the default: two stride-2 convolutions, a dense bottleneck",
         figure_sizes=(28,)),
     "resnet-s": Preset(
         {"architecture": "resnet", "widths": (32, 64, 128), "blocks_per_stage": 1, "attention": False,
@@ -41,11 +41,21 @@ PRESETS: dict[str, Preset] = {
          "lowest_resolution": 4, "hidden_dim": 512, "latent_dim": 64},
         (64, 128), "ResNet, 2 blocks per stage, widths 32-64-128-256, attention at 4x4"),
     "resnet-l": Preset(
-        {"architecture": "resnet", "widths": (32, 64, 128, 256, 256, 512), "blocks_per_stage": 2,
-         "attention": True, "lowest_resolution": 8, "hidden_dim": 1024, "latent_dim": 128},
-        (128, 256), "ResNet, 2 blocks per stage, widths 32-64-128-256-256-512, attention at 8x8"),
+        {"architecture": "resnet", "widths": (64, 128, 256, 256), "blocks_per_stage": 2, "attention": True,
+         "lowest_resolution": 4, "hidden_dim": 1024, "latent_dim": 128},
+        (128, 256), "ResNet, 2 blocks per stage, widths 64-128-256-256, attention at 4x4"),
 }
 DEFAULT_PRESET = "conv"
+
+# (parameters, forward FLOPs per image) at each preset's `measured_at` sizes, as `preset_figures`
+# measures them (3-channel discretized_logistic; conv: 1-channel bernoulli). Stored so --help needs
+# no torch; tests/test_model_presets.py re-measures them and fails with the new values when a preset changes.
+FIGURES: dict[str, dict[int, tuple[int, int]]] = {
+    "conv": {28: (1_688_289, 10_059_776)},
+    "resnet-s": {28: (8_626_150, 378_274_816), 64: (6_069_606, 1_559_068_672)},
+    "resnet-m": {64: (22_511_270, 3_425_632_256), 128: (28_416_166, 13_417_250_816)},
+    "resnet-l": {128: (38_702_662, 40_539_258_880), 256: (44_607_558, 161_844_822_016)},
+}
 
 
 def apply_preset(model_fields: dict[str, object], problems: list[str]) -> dict[str, object]:
@@ -90,18 +100,27 @@ def _si(value: float) -> str:
     return f"{value:.3g}"
 
 
+def figure_channels(name: str) -> tuple[int, str]:
+    """(channels, likelihood) the figures of a preset are given for: conv as trained on digits."""
+    return (1, "bernoulli") if name == "conv" else (3, "discretized_logistic")
+
+
+def measure_figures() -> dict[str, dict[int, tuple[int, int]]]:
+    """FIGURES, measured afresh (builds every preset on the meta device: a few seconds)."""
+    return {name: {size: preset_figures(name, size, *figure_channels(name)) for size in preset.measured_at}
+            for name, preset in PRESETS.items()}
+
+
 def presets_help() -> str:
     """A table of the presets for --help: intended sizes, parameters and FLOPs per image."""
     lines = ["Model presets (--model.preset=NAME; explicit --model.* flags override a preset's fields).",
-             "Parameters and forward FLOPs (encode + decode) per image, 3-channel discretized_logistic",
-             "(the conv preset: 1-channel bernoulli, as trained on digits), measured at the sizes shown:",
-             f"  {'preset':<10} {'sizes':<10} {'at':<7} {'params':>8} {'FLOPs':>8}  what"]
+             "Parameters and forward FLOPs (encode + decode, torch.utils.flop_counter) per image at the",
+             "sizes shown, for 3-channel discretized_logistic (conv: 1-channel bernoulli, as on digits):",
+             f"  {'preset':<10} {'sizes':<11} {'at':>6} {'params':>8} {'FLOPs':>8}  what"]
     for name, preset in PRESETS.items():
-        channels, likelihood = (1, "bernoulli") if name == "conv" else (3, "discretized_logistic")
-        for index, size in enumerate(preset.measured_at):
-            parameters, flops = preset_figures(name, size, channels, likelihood)
-            sizes = f"{preset.sizes[0]}-{preset.sizes[1]} px" if index == 0 else ""
-            label = name if index == 0 else ""
-            what = preset.summary if index == 0 else ""
-            lines.append(f"  {label:<10} {sizes:<10} {size:>3} px {_si(parameters):>8} {_si(flops):>8}  {what}")
+        for index, (size, (parameters, flops)) in enumerate(FIGURES[name].items()):
+            first = index == 0
+            sizes = f"{preset.sizes[0]}-{preset.sizes[1]} px" if first else ""
+            lines.append(f"  {name if first else '':<10} {sizes:<11} {size:>3} px {_si(parameters):>8} "
+                         f"{_si(flops):>8}  {preset.summary if first else ''}".rstrip())
     return "\n".join(lines)
