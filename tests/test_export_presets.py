@@ -20,8 +20,8 @@ TINY = {"widths": [4, 8], "hidden_dim": 16, "latent_dim": 3, "blocks_per_stage":
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 # preset, image size, channels, likelihood: every preset; with the trained 1-channel Bernoulli
 # resnet-s below, every likelihood and both channel counts
-CASES = [("resnet-s", 32, 3, "gaussian"), ("resnet-m", 32, 3, "discretized_logistic"),
-         ("resnet-l", 64, 3, "gaussian_learned")]
+CASES = [("resnet-s", 32, 3, "gaussian", "dense"), ("resnet-m", 32, 3, "discretized_logistic", "dense"),
+         ("resnet-l", 64, 3, "gaussian_learned", "dense"), ("resnet-m", 64, 3, "discretized_logistic", "spatial")]
 
 
 def _session(path):
@@ -51,7 +51,7 @@ def _wake_zero_initialised_layers(model: torch.nn.Module) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda case: f"{case[0]}-{case[1]}px-{case[2]}ch-{case[3]}")
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: f"{case[0]}-{case[1]}px-{case[2]}ch-{case[3]}-{case[4]}")
 def exported_preset(request, mnist5k, tmp_path_factory):
     """A preset model saved as a checkpoint, loaded through train.load_model, exported at fp32 and fp16."""
     from export.onnx_export import export_verified
@@ -59,10 +59,12 @@ def exported_preset(request, mnist5k, tmp_path_factory):
     from train.checkpoint import save_checkpoint
     from train.model import build_model
 
-    preset, size, channels, likelihood = request.param
+    preset, size, channels, likelihood, latent_kind = request.param
     work = tmp_path_factory.mktemp(f"preset-{preset}")
+    tiny = TINY if latent_kind == "dense" else {k: v for k, v in TINY.items() if k != "latent_dim"}
     config = build_config({"model": {"preset": preset, "image_size": size, "channels": channels,
-                                     "likelihood": likelihood, **TINY},
+                                     "likelihood": likelihood, "latent_kind": latent_kind,
+                                     "latent_channels": 2, **tiny},
                            "data": {"dynamic_binarization": "off"}})
     torch.manual_seed(0)
     model = build_model(config.model)
@@ -105,6 +107,9 @@ def test_onnx_matches_pytorch_for_every_preset(exported_preset, precision):
         assert np.abs(actual - expected).max() <= TOLERANCE[precision] * max(1.0, float(np.abs(expected).max()))
     assert metadata["image_shape"] == [config.model.channels, config.model.image_size, config.model.image_size]
     assert metadata["likelihood"] == config.model.likelihood and metadata["latent_dim"] == config.model.latent_dim
+    side = 4  # TINY's lowest resolution: a spatial latent is 2 channels x 4 x 4
+    expected_shape = [2, side, side] if config.model.latent_kind == "spatial" else [config.model.latent_dim]
+    assert metadata["latent_shape"] == expected_shape and np.prod(expected_shape) == config.model.latent_dim
 
 
 def test_triton_repository_for_every_preset(exported_preset, tmp_path):

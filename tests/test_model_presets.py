@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from tests.conftest import REPO, subprocess_env
-from train.config import ConfigError, ModelConfig, build_config, config_from_dict, config_to_dict, parse_args
+from train.config import (ConfigError, ModelConfig, build_config, config_from_dict, config_to_dict, latent_shape,
+                          parse_args, stage_sides)
 from train.loss import param_channels, vae_loss
 from train.model import ConvVAE, build_model
 from train.presets import PRESETS, preset_figures
-from train.resnet import ResNetVAE, ResnetBlock, SelfAttention, stage_sides, stage_widths
+from train.resnet import ResNetVAE, ResnetBlock, SelfAttention, stage_widths
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "discretized_logistic")
 TINY = {"widths": "4,8", "hidden_dim": 16, "latent_dim": 3}  # tiny widths: seconds, not minutes
@@ -93,15 +94,19 @@ def test_resnet_blocks_and_attention_start_as_identity():
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
-@pytest.mark.parametrize("preset,size,channels", [("resnet-s", 28, 1), ("resnet-m", 32, 3), ("resnet-l", 64, 3)])
-def test_resnet_presets_for_every_likelihood(preset, size, channels, likelihood):
-    config = _model_config(preset=preset, image_size=size, channels=channels, likelihood=likelihood, **TINY)
+@pytest.mark.parametrize("preset,size,channels,latent_kind", [
+    ("resnet-s", 28, 1, "dense"), ("resnet-m", 32, 3, "dense"), ("resnet-l", 64, 3, "dense"),
+    ("resnet-s", 28, 1, "spatial"), ("resnet-m", 64, 3, "spatial")])
+def test_resnet_presets_for_every_likelihood(preset, size, channels, latent_kind, likelihood):
+    tiny = TINY if latent_kind == "dense" else {k: v for k, v in TINY.items() if k != "latent_dim"}
+    config = _model_config(preset=preset, image_size=size, channels=channels, likelihood=likelihood,
+                           latent_kind=latent_kind, **tiny)
     model = build_model(config)
     assert isinstance(model, ResNetVAE)
     x = (torch.rand(3, channels, size, size) * 255).round() / 255
     params, posterior = model(x)
     assert params.shape == (3, param_channels(likelihood, channels), size, size)
-    assert posterior.mean.shape == posterior.logvar.shape == (3, 3)
+    assert posterior.mean.shape == posterior.logvar.shape == (3, config.latent_dim)
     mean = model.image_mean(params)
     assert mean.shape == x.shape and 0 <= mean.min() and mean.max() <= 1
     terms = vae_loss(params, x, posterior, likelihood, config.gaussian_sigma)
@@ -156,3 +161,25 @@ def test_run_names_say_the_preset():
     name = readable_run_name(build_config({"model": {"preset": "resnet-m"}}), 1, "fp32")
     assert name.startswith("bernoulli-resnet-m-z64-32x64x128x256-")
     assert readable_run_name(build_config({}), 1, "fp32").startswith("bernoulli-z16-32x64-bs128-")
+
+
+def test_a_spatial_latent_is_c_by_s_by_s_flattened_channel_major():
+    config = _model_config(preset="resnet-m", image_size=32, channels=3, latent_kind="spatial", latent_channels=4,
+                           widths="4,8", likelihood="gaussian")
+    assert latent_shape(config) == (4, 4, 4) and config.latent_dim == 64  # resolved from the image size
+    assert config_from_dict(config_to_dict(build_config({"model": config.__dict__}))).model == config
+    model = build_model(config).eval()
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())  # no dense layers
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = model.encoder[:-1](x)                                    # (B, 2C, s, s) before flattening
+        posterior = model.encode(x)
+        assert maps.shape == (2, 8, 4, 4)
+        torch.testing.assert_close(posterior.mean.view(2, 4, 4, 4), maps[:, :4])
+        assert model.decode(posterior.mean).shape == (2, 3, 32, 32)
+    assert _model_config(preset="resnet-s", image_size=64, latent_kind="spatial", latent_channels=3,
+                         lowest_resolution=16).latent_dim == 3 * 16 * 16
+    with pytest.raises(ConfigError, match="a spatial latent of 4x7x7 has 196 values, got 5"):
+        _model_config(preset="resnet-s", latent_kind="spatial", latent_dim=5)
+    with pytest.raises(ConfigError, match="spatial needs model.architecture=resnet, got 'conv'"):
+        _model_config(latent_kind="spatial")

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from train.config import ModelConfig
+from train.config import ModelConfig, latent_shape
 
 # exp(logvar) outside [e^-30, e^20] only ever comes from a diverging step; clamping keeps the KL
 # and the reparameterised sample finite so the non-finite guard sees the real cause.
@@ -86,6 +86,8 @@ class VAE(nn.Module):
     config: ModelConfig
     encoder: nn.Module
     num_param_channels: int
+    latent_shape: tuple[int, ...]
+    """(latent_dim,) for a dense latent, (C, h, w) for a spatial one (z is always passed flattened)."""
 
     def _init_output_bias(self, last: nn.Conv2d | nn.ConvTranspose2d) -> None:
         if self.config.likelihood in ("gaussian", "gaussian_learned", "discretized_logistic"):
@@ -145,6 +147,7 @@ class ConvVAE(VAE):
         depth, residual = config.blocks_per_stage, config.residual
         side = config.image_size // 4
         self.feature_shape = (width2, side, side)
+        self.latent_shape = latent_shape(config)
         features = width2 * side * side
         self.num_param_channels = param_channels(config.likelihood, config.channels)
         self.encoder = nn.Sequential(

@@ -1,6 +1,7 @@
 """A ResNet VAE in the style of diffusers' AutoencoderKL and VDVAE: stages of residual blocks with
 GroupNorm + SiLU, halving the resolution between stages down to a small side derived from the
-image size, optional self-attention at the lowest resolution, and a dense latent vector."""
+image size, optional self-attention at the lowest resolution, and a dense latent vector or a
+spatial latent (C x s x s, what latent-diffusion models are trained on)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ModelConfig
+from train.config import ModelConfig, latent_shape, stage_sides
 from train.model import VAE
 
 MAX_GROUPS = 32
@@ -19,18 +20,6 @@ MAX_GROUPS = 32
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups (diffusers' default), fewer where the width is not a multiple of 32."""
     return nn.GroupNorm(math.gcd(MAX_GROUPS, channels), channels, eps=1e-6)
-
-
-def stage_sides(image_size: int, lowest_resolution: int) -> list[int]:
-    """Side of the feature map at each stage: halve while the side stays even and >= lowest_resolution.
-
-    28 -> [28, 14, 7] (7 is odd), 64 with 4 -> [64, 32, 16, 8, 4]. Even sides only, so every
-    down-sampling is undone exactly by a x2 up-sampling.
-    """
-    sides = [image_size]
-    while sides[-1] % 2 == 0 and sides[-1] // 2 >= lowest_resolution:
-        sides.append(sides[-1] // 2)
-    return sides
 
 
 def stage_widths(widths: tuple[int, ...], num_stages: int) -> list[int]:
@@ -111,7 +100,8 @@ def _mid_block(width: int, attention: bool) -> nn.Sequential:
 
 class ResNetVAE(VAE):
     """Encoder: conv in, per stage N residual blocks then a stride-2 down-sampling, mid block,
-    GN + SiLU, flatten, dense layers to (mean, logvar). Decoder: the mirror image with x2
+    GN + SiLU, then dense layers to (mean, logvar) of a latent vector, or (latent_kind=spatial) a
+    3x3 convolution to (mean, logvar) of a C x s x s latent. Decoder: the mirror image with x2
     nearest up-sampling, ending in GN + SiLU + a 3x3 convolution to the likelihood's parameters."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -131,17 +121,24 @@ class ResNetVAE(VAE):
             down += _blocks(width, depth)
             if stage < len(widths) - 1:
                 down.append(Downsample(width, widths[stage + 1]))               # (B, w', side/2, side/2)
-        self.encoder = nn.Sequential(
-            *down, _mid_block(bottom, config.attention), group_norm(bottom), nn.SiLU(),
-            nn.Flatten(),
-            nn.Linear(features, config.hidden_dim), nn.SiLU(),
-            nn.Linear(config.hidden_dim, 2 * config.latent_dim),                # (B, 2 * latent)
-        )
+        self.latent_shape = latent_shape(config)
+        if config.latent_kind == "spatial":
+            # z is (C, s, s), flattened channel-major at the edges so every consumer of a latent
+            # vector (KL, sampling, export, serve) works unchanged; model.json records the shape
+            head: list[nn.Module] = [nn.Conv2d(bottom, 2 * config.latent_channels, 3, padding=1),
+                                     nn.Flatten()]                              # (B, 2 * C * s * s)
+            decoder_in = [nn.Unflatten(1, self.latent_shape),
+                          nn.Conv2d(config.latent_channels, bottom, 3, padding=1)]  # (B, w_last, s, s)
+        else:
+            head = [nn.Flatten(), nn.Linear(features, config.hidden_dim), nn.SiLU(),
+                    nn.Linear(config.hidden_dim, 2 * config.latent_dim)]        # (B, 2 * latent)
+            decoder_in = [nn.Linear(config.latent_dim, config.hidden_dim), nn.SiLU(),
+                          nn.Linear(config.hidden_dim, features),
+                          nn.Unflatten(1, self.feature_shape)]                  # (B, w_last, s, s)
+        self.encoder = nn.Sequential(*down, _mid_block(bottom, config.attention), group_norm(bottom), nn.SiLU(),
+                                     *head)
+        self.decoder_in = nn.Sequential(*decoder_in)
 
-        self.decoder_dense = nn.Sequential(
-            nn.Linear(config.latent_dim, config.hidden_dim), nn.SiLU(),
-            nn.Linear(config.hidden_dim, features),                             # (B, w_last * s * s)
-        )
         up: list[nn.Module] = [_mid_block(bottom, config.attention)]
         for stage in reversed(range(len(widths))):
             up += _blocks(widths[stage], depth)
@@ -152,4 +149,4 @@ class ResNetVAE(VAE):
         self._init_output_bias(last)
 
     def decode_features(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder_conv(self.decoder_dense(z).view(-1, *self.feature_shape))
+        return self.decoder_conv(self.decoder_in(z))
