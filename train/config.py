@@ -37,7 +37,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "conv"
-    """Named defaults for the fields below (conv, resnet-s, resnet-m, resnet-l: see --help); explicit flags win."""
+    """Named defaults for the other model fields (conv, resnet-s, resnet-m, resnet-l; --help lists them); explicit flags win."""
     architecture: str = "conv"
     """conv (two stride-2 convolutions, for digits) or resnet (GroupNorm residual stages, scales with size)."""
     image_size: int = 28
