@@ -20,7 +20,7 @@ DECODER_IO = {"inputs": ["z"], "outputs": ["params", "image"]}
 # Keys copied into each ONNX file's metadata_props (JSON-encoded values): enough to use the file
 # on its own, without model.json.
 ONNX_METADATA_KEYS = (
-    "format_version", "latent_dim", "image_shape", "channels", "pixel_scaling", "likelihood",
+    "format_version", "latent_dim", "latent_shape", "image_shape", "channels", "pixel_scaling", "likelihood",
     "likelihood_params", "weights", "mlflow_run_id", "training_step", "config_sha256", "tool_version",
 )
 

@@ -21,7 +21,7 @@ import torch
 from export import metadata as meta
 from export.fp16 import BlockedNode, convert_to_fp16
 from export.graphs import DecoderGraph, EncoderGraph
-from train.config import TrainConfig, config_to_dict
+from train.config import TrainConfig, config_to_dict, latent_shape
 
 TOLERANCE_FP32 = 1e-4
 TOLERANCE_FP16 = 1e-2
@@ -94,6 +94,7 @@ def metadata_for(config: TrainConfig, state: dict, opset: int, weights: str = "e
     return {
         "format_version": meta.FORMAT_VERSION,
         "latent_dim": config.model.latent_dim,
+        "latent_shape": list(latent_shape(config.model)),  # z is (B, latent_dim): reshape to this for spatial use
         "image_shape": [config.model.channels, config.model.image_size, config.model.image_size],
         "channels": config.model.channels,
         "pixel_scaling": meta.PIXEL_SCALING,

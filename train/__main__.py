@@ -8,6 +8,7 @@ import sys
 
 from pipeline.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from train.config import ConfigError, help_text, parse_args
+from train.presets import presets_help
 
 USAGE = """usage: torchrun --standalone --nproc_per_node=N -m train [--config FILE.json] [--section.field=value ...]
        python -m train ...   (one process, no torchrun needed)
@@ -25,7 +26,7 @@ launcher, too, exits 143 rather than 1. One trainer per --run.out_dir: a second 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(USAGE + "\n" + help_text())
+        print(USAGE + "\n" + presets_help() + "\n\n" + help_text())
         return EXIT_OK
     try:
         config = parse_args(argv)

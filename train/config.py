@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.foreign import check_image_key, check_label_key
+from train.presets import apply_preset
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "discretized_logistic")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ARCHITECTURES = ("conv", "resnet")
+LATENT_KINDS = ("dense", "spatial")
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,32 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    preset: str = "conv"
+    """Named defaults for the other model fields (conv, resnet-s, resnet-m, resnet-l; --help lists them); explicit flags win."""
+    architecture: str = "conv"
+    """conv (two stride-2 convolutions, for digits) or resnet (GroupNorm residual stages, scales with size)."""
     image_size: int = 28
-    """Height and width of the (square) images; a multiple of 4."""
+    """Height and width of the (square) images; conv: a multiple of 4."""
     channels: int = 1
     """Image channels: 1 (grey) or 3 (RGB)."""
     latent_dim: int = 16
-    """Size of z."""
+    """Size of z (a spatial latent: latent_channels x s x s, worked out from the image size)."""
+    latent_kind: str = "dense"
+    """resnet: dense (a vector through dense layers) or spatial (C x s x s at the lowest resolution, no dense layers)."""
+    latent_channels: int = 4
+    """resnet with a spatial latent: its channels C."""
     widths: tuple[int, ...] = (32, 64)
-    """Channels of the two stride-2 convolutions (the decoder mirrors them)."""
+    """conv: channels of the two stride-2 convolutions; resnet: channels per stage from full size down (the last repeats)."""
     hidden_dim: int = 256
     """Width of the dense layer between the convolutions and the latent."""
     blocks_per_stage: int = 0
-    """Extra 3x3 conv blocks at each resolution, in encoder and decoder (the depth)."""
+    """conv: extra 3x3 conv blocks at each resolution; resnet: residual blocks per stage (encoder and decoder)."""
     residual: bool = False
-    """Make those extra blocks residual (x + conv(act(conv(act(x)))))."""
+    """conv: make those extra blocks residual (x + conv(act(conv(act(x)))))."""
+    attention: bool = False
+    """resnet: self-attention at the lowest resolution (in encoder and decoder)."""
+    lowest_resolution: int = 4
+    """resnet: halve the side while it stays even and at least this (28 -> 14 -> 7, 64 -> ... -> 4)."""
     likelihood: str = "bernoulli"
     """p(x|z): bernoulli, gaussian (fixed sigma), gaussian_learned, discretized_logistic (8-bit)."""
     gaussian_sigma: float = 0.1
@@ -180,14 +195,25 @@ def binarizes(config: TrainConfig) -> bool:
 def _validate(config: TrainConfig) -> list[str]:
     problems = []
     model, data, run, optim = config.model, config.data, config.run, config.optim
-    if model.image_size % 4 or model.image_size < 4:
-        problems.append(f"model.image_size: must be a positive multiple of 4, got {model.image_size}")
+    if model.architecture not in ARCHITECTURES:
+        problems.append(f"model.architecture: expected one of {', '.join(ARCHITECTURES)}, got {model.architecture!r}")
+    if model.architecture == "conv" and (model.image_size % 4 or model.image_size < 4):
+        problems.append(f"model.image_size: must be a positive multiple of 4 for the conv architecture, "
+                        f"got {model.image_size}")
+    if model.architecture == "resnet" and model.image_size < 1:
+        problems.append(f"model.image_size: must be >= 1, got {model.image_size}")
     if model.channels not in (1, 3):
         problems.append(f"model.channels: must be 1 or 3, got {model.channels}")
     if model.likelihood not in LIKELIHOODS:
         problems.append(f"model.likelihood: expected one of {', '.join(LIKELIHOODS)}, got {model.likelihood!r}")
-    if len(model.widths) != 2 or min(model.widths, default=0) < 1:
-        problems.append(f"model.widths: expected two positive widths, got {model.widths}")
+    if model.architecture == "conv" and (len(model.widths) != 2 or min(model.widths, default=0) < 1):
+        problems.append(f"model.widths: expected two positive widths for the conv architecture, got {model.widths}")
+    if model.architecture == "resnet" and (not model.widths or min(model.widths) < 1):
+        problems.append(f"model.widths: expected one or more positive widths, got {model.widths}")
+    if model.latent_kind not in LATENT_KINDS:
+        problems.append(f"model.latent_kind: expected one of {', '.join(LATENT_KINDS)}, got {model.latent_kind!r}")
+    elif model.latent_kind == "spatial" and model.architecture != "resnet":
+        problems.append(f"model.latent_kind: spatial needs model.architecture=resnet, got {model.architecture!r}")
     if model.gaussian_sigma <= 0:
         problems.append(f"model.gaussian_sigma: must be > 0, got {model.gaussian_sigma}")
     for check, value in ((check_image_key, data.image_key), (check_label_key, data.label_key)):
@@ -205,6 +231,8 @@ def _validate(config: TrainConfig) -> list[str]:
     elif binarizes(config) and model.likelihood != "bernoulli":
         problems.append(f"data.dynamic_binarization: needs model.likelihood=bernoulli, got {model.likelihood!r}")
     for name, value in (("model.latent_dim", model.latent_dim), ("model.hidden_dim", model.hidden_dim),
+                        ("model.lowest_resolution", model.lowest_resolution),
+                        ("model.latent_channels", model.latent_channels),
                         ("data.batch_size", data.batch_size), ("data.eval_batch_size", data.eval_batch_size),
                         ("run.eval_interval_steps", run.eval_interval_steps),
                         ("run.log_interval_steps", run.log_interval_steps),
@@ -237,6 +265,46 @@ def _validate(config: TrainConfig) -> list[str]:
     return problems
 
 
+def stage_sides(image_size: int, lowest_resolution: int) -> list[int]:
+    """Side of the feature map at each stage: halve while the side stays even and >= lowest_resolution.
+
+    28 -> [28, 14, 7] (7 is odd), 64 with 4 -> [64, 32, 16, 8, 4]. Even sides only, so every
+    down-sampling is undone exactly by a x2 up-sampling.
+    """
+    sides = [image_size]
+    while sides[-1] % 2 == 0 and sides[-1] // 2 >= lowest_resolution:
+        sides.append(sides[-1] // 2)
+    return sides
+
+
+def latent_shape(model: ModelConfig) -> tuple[int, ...]:
+    """(latent_dim,) for a dense latent; (C, s, s) for a spatial one. z always travels flattened
+    (B, latent_dim), channel-major, so this is what to reshape it to for spatial use."""
+    if model.latent_kind == "spatial" and model.architecture == "resnet":
+        side = stage_sides(model.image_size, model.lowest_resolution)[-1]
+        return (model.latent_channels, side, side)
+    return (model.latent_dim,)
+
+
+def _resolve_spatial_latent(model: ModelConfig, given: dict, problems: list[str]) -> ModelConfig:
+    """A spatial latent's size follows from the image size: set latent_dim to C x s x s
+    (`given`: the model fields given explicitly, not those a preset filled in).
+
+    Every consumer of the config (evaluation, export metadata, serve) reads latent_dim as the size
+    of the flattened z, so it is resolved here once; an explicit latent_dim that disagrees is an error.
+    """
+    if model.latent_kind != "spatial" or model.architecture != "resnet" or model.image_size < 1 \
+            or model.lowest_resolution < 1:
+        return model
+    channels, side, _ = latent_shape(model)
+    size = channels * side * side
+    explicit = given.get("latent_dim")
+    if explicit is not None and str(explicit) != str(size):
+        problems.append(f"model.latent_dim: a spatial latent of {channels}x{side}x{side} has {size} values, "
+                        f"got {explicit} (leave latent_dim out; set latent_channels or lowest_resolution)")
+    return dataclasses.replace(model, latent_dim=size)
+
+
 def build_config(overrides: dict[str, dict[str, object]] | None = None) -> TrainConfig:
     """A TrainConfig from {section: {field: value}}; raises ConfigError listing every problem."""
     overrides = overrides or {}
@@ -247,7 +315,10 @@ def build_config(overrides: dict[str, dict[str, object]] | None = None) -> Train
         known = {f.name: f for f in dataclasses.fields(section_type)}
         hints = typing.get_type_hints(section_type)
         values = {}
-        for key, value in (overrides.get(section.name) or {}).items():
+        given = dict(overrides.get(section.name) or {})
+        if section.name == "model":  # a preset fills in the model fields not given explicitly
+            given = apply_preset(given, problems)
+        for key, value in given.items():
             if key not in known:
                 problems.append(f"{section.name}.{key}: unknown field; expected one of {sorted(known)}")
                 continue
@@ -255,6 +326,8 @@ def build_config(overrides: dict[str, dict[str, object]] | None = None) -> Train
             if coerced is not None:
                 values[key] = coerced
         sections[section.name] = section_type(**values)
+        if section.name == "model":
+            sections["model"] = _resolve_spatial_latent(sections["model"], overrides.get("model") or {}, problems)
     for section in overrides:
         if section not in sections:
             problems.append(f"{section}: unknown section; expected one of {sorted(sections)}")

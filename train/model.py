@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from train.config import ModelConfig
+from train.config import ModelConfig, latent_shape
 
 # exp(logvar) outside [e^-30, e^20] only ever comes from a diverging step; clamping keeps the KL
 # and the reparameterised sample finite so the non-finite guard sees the real cause.
@@ -78,58 +78,37 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-class ConvVAE(nn.Module):
-    """Two stride-2 convolutions down (with optional blocks at each resolution), a dense
-    bottleneck, and the mirror image up to the likelihood's parameters."""
+class VAE(nn.Module):
+    """What every architecture shares: `encoder` maps images to (B, 2 * latent) posterior
+    parameters, `decode_features` maps z to raw likelihood parameters; this class turns those into
+    the posterior object, bounds the log-scales and knows the likelihood's constants."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        from train.loss import param_channels  # loss imports this module; import at build time
+    config: ModelConfig
+    encoder: nn.Module
+    num_param_channels: int
+    latent_shape: tuple[int, ...]
+    """(latent_dim,) for a dense latent, (C, h, w) for a spatial one (z is always passed flattened)."""
 
-        self.config = config
-        width1, width2 = config.widths
-        depth, residual = config.blocks_per_stage, config.residual
-        side = config.image_size // 4
-        self.feature_shape = (width2, side, side)
-        features = width2 * side * side
-        self.num_param_channels = param_channels(config.likelihood, config.channels)
-        self.encoder = nn.Sequential(
-            nn.Conv2d(config.channels, width1, 4, stride=2, padding=1), nn.SiLU(),  # (B, w1, S/2, S/2)
-            *_stage(width1, depth, residual),
-            nn.Conv2d(width1, width2, 4, stride=2, padding=1), nn.SiLU(),           # (B, w2, S/4, S/4)
-            *_stage(width2, depth, residual),
-            nn.Flatten(),
-            nn.Linear(features, config.hidden_dim), nn.SiLU(),
-            nn.Linear(config.hidden_dim, 2 * config.latent_dim),                    # (B, 2 * latent)
-        )
-        self.decoder_dense = nn.Sequential(
-            nn.Linear(config.latent_dim, config.hidden_dim), nn.SiLU(),
-            nn.Linear(config.hidden_dim, features), nn.SiLU(),
-        )
-        self.decoder_conv = nn.Sequential(
-            *_stage(width2, depth, residual),
-            nn.ConvTranspose2d(width2, width1, 4, stride=2, padding=1), nn.SiLU(),  # (B, w1, S/2, S/2)
-            *_stage(width1, depth, residual),
-            nn.ConvTranspose2d(width1, self.num_param_channels, 4, stride=2, padding=1),  # (B, P, S, S)
-        )
-        if config.likelihood in ("gaussian", "gaussian_learned", "discretized_logistic"):
+    def _init_output_bias(self, last: nn.Conv2d | nn.ConvTranspose2d) -> None:
+        if self.config.likelihood in ("gaussian", "gaussian_learned", "discretized_logistic"):
             # start the mean at mid-grey and the scale at about 1/8, not at the edges of [0, 1]
-            last = self.decoder_conv[-1]
             nn.init.zeros_(last.bias)
             with torch.no_grad():
-                last.bias[: config.channels] = 0.5
-                if self.num_param_channels > config.channels:
-                    last.bias[config.channels:] = -2.0
+                last.bias[: self.config.channels] = 0.5
+                if self.num_param_channels > self.config.channels:
+                    last.bias[self.config.channels:] = -2.0
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Images in [0, 1], (B, C, H, W) -> q(z|x)."""
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
+    def decode_features(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, latent) -> likelihood parameters (B, C or 2C, H, W); layouts in train.loss."""
-        features = self.decoder_dense(z).view(-1, *self.feature_shape)
-        params = self.decoder_conv(features)
+        params = self.decode_features(z)
         if self.num_param_channels > self.config.channels:
             mean, log_scale = params.chunk(2, dim=1)
             params = torch.cat([mean, log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)], dim=1)
@@ -155,6 +134,51 @@ class ConvVAE(nn.Module):
         return self.decode(posterior.sample(generator)), posterior
 
 
-def build_model(config: ModelConfig) -> ConvVAE:
-    """The model a ModelConfig describes."""
+class ConvVAE(VAE):
+    """Two stride-2 convolutions down (with optional blocks at each resolution), a dense
+    bottleneck, and the mirror image up to the likelihood's parameters (the `conv` preset)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        from train.loss import param_channels  # loss imports this module; import at build time
+
+        self.config = config
+        width1, width2 = config.widths
+        depth, residual = config.blocks_per_stage, config.residual
+        side = config.image_size // 4
+        self.feature_shape = (width2, side, side)
+        self.latent_shape = latent_shape(config)
+        features = width2 * side * side
+        self.num_param_channels = param_channels(config.likelihood, config.channels)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(config.channels, width1, 4, stride=2, padding=1), nn.SiLU(),  # (B, w1, S/2, S/2)
+            *_stage(width1, depth, residual),
+            nn.Conv2d(width1, width2, 4, stride=2, padding=1), nn.SiLU(),           # (B, w2, S/4, S/4)
+            *_stage(width2, depth, residual),
+            nn.Flatten(),
+            nn.Linear(features, config.hidden_dim), nn.SiLU(),
+            nn.Linear(config.hidden_dim, 2 * config.latent_dim),                    # (B, 2 * latent)
+        )
+        self.decoder_dense = nn.Sequential(
+            nn.Linear(config.latent_dim, config.hidden_dim), nn.SiLU(),
+            nn.Linear(config.hidden_dim, features), nn.SiLU(),
+        )
+        self.decoder_conv = nn.Sequential(
+            *_stage(width2, depth, residual),
+            nn.ConvTranspose2d(width2, width1, 4, stride=2, padding=1), nn.SiLU(),  # (B, w1, S/2, S/2)
+            *_stage(width1, depth, residual),
+            nn.ConvTranspose2d(width1, self.num_param_channels, 4, stride=2, padding=1),  # (B, P, S, S)
+        )
+        self._init_output_bias(self.decoder_conv[-1])
+
+    def decode_features(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder_conv(self.decoder_dense(z).view(-1, *self.feature_shape))
+
+
+def build_model(config: ModelConfig) -> VAE:
+    """The model a ModelConfig describes (`model.architecture`: conv or resnet)."""
+    if config.architecture == "resnet":
+        from train.resnet import ResNetVAE
+
+        return ResNetVAE(config)
     return ConvVAE(config)

@@ -56,12 +56,14 @@ def git_commit() -> str:
 
 
 def readable_run_name(config: TrainConfig, world_size: int, precision: str) -> str:
-    """A run name that says what differs between runs, e.g. 'bernoulli-z16-32x64-bs256-fp32-2p-1124-2315'."""
+    """A run name that says what differs between runs, e.g. 'bernoulli-z16-32x64-bs256-fp32-2p-1124-2315'
+    ('discretized_logistic-resnet-s-z32-...' for a preset other than conv)."""
     if config.run.run_name:
         return config.run.run_name
     model = config.model
     stamp = time.strftime("%m%d-%H%M", time.gmtime())
-    return (f"{model.likelihood}-z{model.latent_dim}-{'x'.join(map(str, model.widths))}"
+    preset = "" if model.preset == "conv" else f"{model.preset}-"
+    return (f"{model.likelihood}-{preset}z{model.latent_dim}-{'x'.join(map(str, model.widths))}"
             f"{'-res' if model.residual else ''}-bs{config.data.batch_size * world_size}-{precision}"
             f"-{world_size}p-{stamp}")
 
