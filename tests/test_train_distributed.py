@@ -143,8 +143,6 @@ def test_sigterm_to_torchrun_saves_at_the_current_step_and_exits_143_with_loader
 def test_kill_9_of_torchrun_stops_its_ranks_and_a_second_trainer_is_refused(small_shards, tmp_path):
     """torchrun SIGKILLed alone: its trainers (in sessions of their own) must not train on unsupervised.
     While they run, a second trainer on the same run directory is refused."""
-    import fcntl
-
     flags = train_flags(small_shards, tmp_path, max_steps=100000)
     process = subprocess.Popen([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
                                 *flags], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
@@ -175,5 +173,6 @@ def test_kill_9_of_torchrun_stops_its_ranks_and_a_second_trainer_is_refused(smal
     from train.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == f"step-{done[0]['steps']:08d}"
-    with open(tmp_path / "run" / "run.lock") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    from train.run_lock import RunDirLock
+
+    RunDirLock(tmp_path / "run").release()  # free again: raises RunDirInUseError otherwise
