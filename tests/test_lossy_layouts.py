@@ -98,11 +98,11 @@ def test_quality_flag(photo_patches, tmp_path, capsys):
                  "--quality", "50", "--quiet"]) == 0
     manifest = read_manifest(tmp_path / "q")
     assert manifest.layout == "webp" and manifest.extra["quality"] == 50
-    assert main(["shards", "--source", source, "--out", str(tmp_path / "p"), "--quality", "50"]) == 2
+    assert main(["shards", "--source", source, "--out", str(tmp_path / "p"), "--quality", "50"]) == 1  # bad input: a runtime failure (pipeline.cli)
     assert "quality applies to the lossy layouts ('jpg', 'webp'), not to layout 'auto'" in capsys.readouterr().err
     for bad in ("0", "101"):
         assert main(["shards", "--source", source, "--out", str(tmp_path / "r"), "--layout", "jpg",
-                     "--quality", bad]) == 2
+                     "--quality", bad]) == 1
         assert f"quality must be a whole number from 1 to 100, got {bad}" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()  # refused before writing
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import torch
 
+from pipeline.errors import DataErrors
 from pipeline.loader import ShardSet, iter_eval_batches
 from train.distributed import DistContext, all_reduce_sum
 from train.loss import reconstruction_nll
@@ -60,12 +61,13 @@ def iwae_log_likelihood(model: ConvVAE, x: torch.Tensor, *, num_samples: int, ch
 @torch.no_grad()
 def evaluate(model: ConvVAE, shards: ShardSet, context: DistContext, *, batch_size: int,
              precision: str, seed: int = 1234, iwae_samples: int = 0, iwae_chunk: int = 50,
-             binarize_inputs: bool = False) -> dict[str, float]:
+             binarize_inputs: bool = False, errors: DataErrors | None = None) -> dict[str, float]:
     """Per-image means over the whole val split, every sample once across ranks (all-reduced).
 
     val/neg_elbo, val/recon, val/kl (one posterior sample, nats); val/bits_per_dim; with
     iwae_samples=K > 0 also val/nll (IWAE bound, nats) and val/nll_bits_per_dim; val/active_units.
     With `binarize_inputs` each image is binarised once from a generator seeded by `seed` and the rank.
+    Bad validation data is skipped and counted in `errors` (the run's error budget) or a default one.
     """
     was_training = model.training
     model.eval()
@@ -74,7 +76,7 @@ def evaluate(model: ConvVAE, shards: ShardSet, context: DistContext, *, batch_si
     # nelbo, recon, kl, nll, count, then sum and sum of squares of the posterior means per unit
     totals = torch.zeros(5 + 2 * latent, dtype=torch.float64, device=context.device)
     for images, _, mask in iter_eval_batches(shards, batch_size=batch_size, rank=context.rank,
-                                             world_size=context.world_size):
+                                             world_size=context.world_size, errors=errors):
         x = images.to(context.device).float().div_(255.0)
         if binarize_inputs:
             x = binarize(x, generator)

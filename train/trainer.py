@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.images import make_grid
 from pipeline.data import open_train_val
-from pipeline.errors import ErrorBudget
+from pipeline.errors import DataErrors, ErrorBudget
 from pipeline.loader import ShardSet, batches_per_epoch, iter_eval_batches, make_train_loader
 from train.checkpoint import load_latest, save_checkpoint
 from train.config import TrainConfig, binarizes, config_to_dict
@@ -243,10 +243,10 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
             "likelihood": config.model.likelihood}
     tracker = make_tracker(config, context.is_main, tags, run_id,
                            readable_run_name(config, context.world_size, precision))
+    error_budget = ErrorBudget(config.data.max_bad_samples, config.data.max_bad_fraction)  # training and evaluation
     loader = make_train_loader(train_shards, batch_size=config.data.batch_size, rank=context.rank,
                                world_size=context.world_size, seed=config.run.seed,
-                               num_workers=config.data.num_workers,
-                               error_budget=ErrorBudget(config.data.max_bad_samples, config.data.max_bad_fraction))
+                               num_workers=config.data.num_workers, error_budget=error_budget)
     binarize_inputs = binarizes(config)
     data_errors = loader.dataset.errors  # skipped samples and bad shards, counted across worker processes
     grid_images = first_val_images(val_shards).to(context.device).float().div_(255.0)
@@ -269,7 +269,8 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     def evaluate_and_log(iwae_samples: int) -> dict[str, float]:
         metrics = evaluate(eval_model, val_shards, context, batch_size=config.data.eval_batch_size,
                            precision=precision, seed=config.run.seed + 1234, iwae_samples=iwae_samples,
-                           iwae_chunk=config.run.iwae_chunk, binarize_inputs=binarizes(config))
+                           iwae_chunk=config.run.iwae_chunk, binarize_inputs=binarizes(config),
+                           errors=DataErrors(error_budget))
         tracker.log_metrics(metrics, position.step)
         if context.is_main:
             samples, pairs = sample_grid_images(eval_model, grid_images, num_samples=64, seed=config.run.seed)
