@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import signal
 import tarfile
 import warnings
@@ -265,14 +266,16 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """DataLoader worker start: ignore SIGTERM and SIGINT; the process that owns the loader decides.
+    """DataLoader worker start: leave the trainer's process group; the process that owns the loader decides.
 
     torchrun stops a job by signalling each trainer's whole process group, loader workers included;
-    a worker that died of it made the trainer fail before it could save. Ignoring the signal, a
-    worker ends when the trainer shuts the loader down, or when it sees its parent gone.
+    a worker that died of it made the trainer fail before it could save. In a group of its own a
+    worker ends when the trainer shuts the loader down (torch's SIGTERM from the parent still ends
+    it quietly, so an owner that exits never waits on it), or when it sees its parent gone. Ignoring
+    SIGTERM instead left workers that multiprocessing's exit handler terminates and then waits on forever.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
 
 
 def make_train_loader(shards: ShardSet, *, batch_size: int, rank: int, world_size: int,
