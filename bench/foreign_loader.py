@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import itertools
 import json
 import os
 import platform
@@ -32,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.loader import trainer_rate  # noqa: E402
+from bench.loader import shard_set_rate, trainer_rate  # noqa: E402
 from pipeline.data import open_train_val  # noqa: E402
 from pipeline.index import index_shards  # noqa: E402
-from pipeline.loader import batches_per_epoch, make_train_loader  # noqa: E402
 from pipeline.sources import load_source  # noqa: E402
 
 SHAPE = (64, 64, 3)
@@ -57,19 +55,7 @@ def write_jpeg_shards(folder: Path, images: np.ndarray, labels: np.ndarray, per_
 def loader_rate(location: str, batch_size: int, num_workers: int, num_samples: int,
                 samples_per_epoch: int = 0) -> float:
     train, _ = open_train_val(location, image_shape=SHAPE, samples_per_epoch=samples_per_epoch, announce=False)
-    per_epoch = batches_per_epoch(train.num_samples, batch_size, 1)
-    started = time.perf_counter()
-    loader = make_train_loader(train, batch_size=batch_size, rank=0, world_size=1, seed=0, num_workers=num_workers)
-    seen = 0
-    for epoch in itertools.count():
-        loader.dataset.epoch = epoch
-        for x, _ in itertools.islice(loader, per_epoch):
-            seen += len(x)
-        if seen >= num_samples:
-            break
-    rate = seen / (time.perf_counter() - started)
-    del loader
-    return rate
+    return shard_set_rate(train, batch_size, num_workers, num_samples)
 
 
 class LocalS3:

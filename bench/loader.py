@@ -81,7 +81,11 @@ def tensor_dataset_rate(images: torch.Tensor, labels: torch.Tensor, batch_size: 
 
 def loader_rate(directory: Path, batch_size: int, num_workers: int, num_samples: int,
                 persistent: bool = True) -> float:
-    shards = open_split(str(directory), "train")
+    return shard_set_rate(open_split(str(directory), "train"), batch_size, num_workers, num_samples, persistent)
+
+
+def shard_set_rate(shards, batch_size: int, num_workers: int, num_samples: int, persistent: bool = True) -> float:
+    """Samples/s the training loader yields from a ShardSet, epochs repeated until num_samples are seen."""
     per_epoch = batches_per_epoch(shards.num_samples, batch_size, 1)
     started = time.perf_counter()
     loader = make_train_loader(shards, batch_size=batch_size, rank=0, world_size=1, seed=0,
