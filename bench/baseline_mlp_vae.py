@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config import ModelConfig
+from train.likelihood import Bernoulli
 from train.model import DiagonalGaussian
 
 
@@ -24,6 +25,7 @@ class MlpVAE(nn.Module):
     def __init__(self, image_pixels: int = 784, hidden: int = 400, latent: int = 20) -> None:
         super().__init__()
         self.config = ModelConfig(latent_dim=latent, likelihood="bernoulli")
+        self.likelihood = Bernoulli()
         self.fc1 = nn.Linear(image_pixels, hidden)
         self.fc21 = nn.Linear(hidden, latent)
         self.fc22 = nn.Linear(hidden, latent)

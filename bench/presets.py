@@ -54,7 +54,7 @@ def step_time_s(preset: str, size: int, precision: str, device: torch.device, ba
         started = time.perf_counter()
         with autocast(precision, device):
             params, posterior = model(x, generator)
-        loss = training_objective(vae_loss(params, x, posterior, likelihood), posterior, beta=1.0, free_bits=0.0)
+        loss = training_objective(vae_loss(params, x, posterior, model.likelihood), posterior, beta=1.0, free_bits=0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -22,7 +22,7 @@ def step(clip, do_ema, binar, i):
     x = x8.float().div_(255)
     if binar: x = torch.bernoulli(x, generator=g)
     params, post = model(x, g)
-    loss = training_objective(vae_loss(params, x, post, "bernoulli", cfg.model.gaussian_sigma), post, beta=1.0, free_bits=0.0)
+    loss = training_objective(vae_loss(params, x, post, model.likelihood), post, beta=1.0, free_bits=0.0)
     opt.zero_grad(set_to_none=True); loss.backward()
     if clip:
         n = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0); bool(torch.isfinite(n))

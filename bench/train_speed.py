@@ -76,8 +76,8 @@ def bare_loop(seconds: float, precision: str, trainer_step: bool) -> float:
             x = binarize(x, generator)
             for group in optimizer.param_groups:
                 group["lr"] = config.optim.lr * lr_factor(step, 0.5, config)
-            sums, grad_norm = train_step(model, optimizer, scaler, x, generator, config, precision,
-                                         kl_weight(step, config))
+            sums, grad_norm = train_step(model, model.likelihood, optimizer, scaler, x, generator, config,
+                                         precision, kl_weight(step, config))
             if bool(torch.isfinite(grad_norm)):
                 scaler.step(optimizer)
                 scaler.update()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.model import ConvVAE
+from train.model import VAE
 
 
 class EncoderGraph(nn.Module):
     """x in [0, 1], (B, C, H, W) -> (mean, logvar), each (B, latent). No sampling inside."""
 
-    def __init__(self, model: ConvVAE) -> None:
+    def __init__(self, model: VAE) -> None:
         super().__init__()
         self.model = model
 
@@ -23,7 +23,7 @@ class EncoderGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """z, (B, latent) -> (likelihood parameters, image mean in [0, 1]); Bernoulli: (logits, probs)."""
 
-    def __init__(self, model: ConvVAE) -> None:
+    def __init__(self, model: VAE) -> None:
         super().__init__()
         self.model = model
 

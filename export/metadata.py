@@ -40,26 +40,6 @@ def config_sha256(config_dict: dict) -> str:
     return hashlib.sha256(json.dumps(config_dict, sort_keys=True).encode()).hexdigest()
 
 
-def likelihood_params(model_config: dict) -> dict:
-    """Constants of p(x|z) that are not graph outputs (e.g. a fixed Gaussian sigma), by name.
-
-    The fallback for a model without `likelihood_params()`: read from the model config, any field
-    named `likelihood_<name>` or `<...>sigma` becomes `<name>` / `sigma`; a discretized logistic
-    states its 8-bit bin width.
-    """
-    params: dict = {}
-    for key, value in model_config.items():
-        if key.startswith("likelihood_"):
-            params[key.removeprefix("likelihood_")] = value
-        elif key.endswith("sigma"):
-            params["sigma"] = value
-    if model_config.get("likelihood") == "discretized_logistic":
-        params.setdefault("bin_width", 1 / 255)
-    if model_config.get("likelihood") != "gaussian":
-        params.pop("sigma", None)  # only the fixed-sigma Gaussian keeps sigma outside the graph
-    return params
-
-
 def onnx_metadata(metadata: dict, precision: str) -> dict[str, str]:
     """The metadata_props of one ONNX file: JSON-encoded values, its own precision included."""
     props = {key: json.dumps(metadata[key]) for key in ONNX_METADATA_KEYS if key in metadata}

@@ -22,6 +22,7 @@ from export import metadata as meta
 from export.fp16 import BlockedNode, convert_to_fp16
 from export.graphs import DecoderGraph, EncoderGraph
 from train.config import TrainConfig, config_to_dict, latent_shape
+from train.likelihood import likelihood_for
 
 TOLERANCE_FP32 = 1e-4
 TOLERANCE_FP16 = 1e-2
@@ -82,15 +83,9 @@ def _export(module: torch.nn.Module, example: torch.Tensor, input_name: str,
         )
 
 
-def metadata_for(config: TrainConfig, state: dict, opset: int, weights: str = "ema",
-                 likelihood_constants: dict | None = None) -> dict:
-    """Everything a consumer of the ONNX files needs, with no torch.
-
-    `likelihood_constants`: the model's own `likelihood_params()` when it has one; otherwise they
-    are read from the model config (see metadata.likelihood_params).
-    """
+def metadata_for(config: TrainConfig, state: dict, opset: int, weights: str = "ema") -> dict:
+    """Everything a consumer of the ONNX files needs, with no torch."""
     config_dict = config_to_dict(config)
-    model = config_dict["model"]
     return {
         "format_version": meta.FORMAT_VERSION,
         "latent_dim": config.model.latent_dim,
@@ -99,8 +94,7 @@ def metadata_for(config: TrainConfig, state: dict, opset: int, weights: str = "e
         "channels": config.model.channels,
         "pixel_scaling": meta.PIXEL_SCALING,
         "likelihood": config.model.likelihood,
-        "likelihood_params": (dict(likelihood_constants) if likelihood_constants is not None
-                              else meta.likelihood_params(model)),
+        "likelihood_params": likelihood_for(config.model).constants(),
         "precision": "fp32",
         "opset": opset,
         "weights": weights,
@@ -300,8 +294,7 @@ def export_verified(model, config: TrainConfig, state: dict, out_dir: str | Path
     try:
         model = model.eval().float()
         side, channels = config.model.image_size, config.model.channels
-        constants = model.likelihood_params() if hasattr(model, "likelihood_params") else None
-        metadata = metadata_for(config, state, opset, weights, constants)
+        metadata = metadata_for(config, state, opset, weights)
         _export(EncoderGraph(model), torch.rand(2, channels, side, side), "x", meta.ENCODER_IO["outputs"],
                 staging / "raw-encoder.onnx", opset)
         _export(DecoderGraph(model), torch.randn(2, config.model.latent_dim), "z", meta.DECODER_IO["outputs"],

@@ -214,7 +214,7 @@ def test_every_likelihood_exports_its_layout_and_constants(likelihood, channels,
     assert result.reports["fp32"].worst <= TOLERANCE["fp32"]
     metadata = json.loads((tmp_path / "model" / "model.json").read_text())
     assert metadata["likelihood"] == likelihood and metadata["likelihood_params"] == constants
-    assert constants == (model.likelihood_params() if hasattr(model, "likelihood_params") else constants)
+    assert constants == model.likelihood.constants()
     assert read_onnx_metadata(tmp_path / "model" / "decoder.onnx")["likelihood_params"] == constants
     params, image = _session(tmp_path / "model" / "decoder.onnx").run(None, {"z": np.zeros((3, 16), np.float32)})
     assert params.shape == (3, channels, 28, 28) and image.shape == (3, 1, 28, 28)

@@ -143,7 +143,6 @@ def test_triton_repository_for_every_preset(exported_preset, tmp_path):
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_serve_runtime_matches_pytorch_for_every_preset(exported_preset, variant):
     from serve.runtime import RuntimeOptions, VAERuntime, score_noise
-    from train.loss import reconstruction_nll
 
     model, config, images, result = exported_preset
     runtime = VAERuntime(result.out_dir, options=RuntimeOptions(providers=("CPUExecutionProvider",),
@@ -164,7 +163,7 @@ def test_serve_runtime_matches_pytorch_for_every_preset(exported_preset, variant
         z = posterior.mean + posterior.std * eps                                 # (K, B, latent)
         params = model.decode(z.reshape(-1, config.model.latent_dim))
         x_repeated = torch.from_numpy(x).repeat(num_samples, 1, 1, 1)
-        nll = reconstruction_nll(params, x_repeated, config.model.likelihood, config.model.gaussian_sigma)
+        nll = model.likelihood.nll(params, x_repeated)
         expected = nll.reshape(num_samples, len(x)).double().mean(0) + posterior.kl().double()
     score = runtime.score(x, num_samples, "elbo", seed)
     np.testing.assert_allclose(score, expected.numpy(), rtol=1e-3 if variant == "fp32" else 5e-2)

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from train.config import ModelConfig
-from train.loss import bernoulli_nll, vae_loss
+from train.likelihood import bernoulli_nll
+from train.loss import vae_loss
 from train.model import DiagonalGaussian, build_model
 
 

@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
+from serve.likelihoods import PARAMS_PER_CHANNEL
 from tests.conftest import REPO, subprocess_env
 from train.config import (ConfigError, ModelConfig, build_config, config_from_dict, config_to_dict, latent_shape,
                           parse_args, stage_sides)
-from train.loss import param_channels, vae_loss
+from train.loss import vae_loss
 from train.model import ConvVAE, build_model
 from train.presets import PRESETS, preset_figures
 from train.resnet import ResNetVAE, ResnetBlock, SelfAttention, stage_widths
@@ -105,11 +106,11 @@ def test_resnet_presets_for_every_likelihood(preset, size, channels, latent_kind
     assert isinstance(model, ResNetVAE)
     x = (torch.rand(3, channels, size, size) * 255).round() / 255
     params, posterior = model(x)
-    assert params.shape == (3, param_channels(likelihood, channels), size, size)
+    assert params.shape == (3, PARAMS_PER_CHANNEL[likelihood] * channels, size, size)
     assert posterior.mean.shape == posterior.logvar.shape == (3, config.latent_dim)
     mean = model.image_mean(params)
     assert mean.shape == x.shape and 0 <= mean.min() and mean.max() <= 1
-    terms = vae_loss(params, x, posterior, likelihood, config.gaussian_sigma)
+    terms = vae_loss(params, x, posterior, model.likelihood)
     loss = terms.negative_elbo().mean()
     assert torch.isfinite(loss) and terms.recon.dtype == torch.float32
     loss.backward()

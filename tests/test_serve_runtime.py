@@ -92,6 +92,25 @@ def test_discretized_logistic_bins_sum_to_one():
         assert total == pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("name", ["bernoulli", "gaussian", "gaussian_learned", "discretized_logistic"])
+def test_every_training_likelihood_has_a_numpy_twin_that_agrees(name):
+    """train's likelihood objects and serve's numpy functions: the same names, layouts, constants and NLLs."""
+    from serve.likelihoods import LIKELIHOODS, PARAMS_PER_CHANNEL
+    from train.config import LIKELIHOODS as CONFIG_NAMES, ModelConfig
+    from train.likelihood import LIKELIHOODS as TRAIN_LIKELIHOODS, likelihood_for
+
+    assert set(CONFIG_NAMES) == set(TRAIN_LIKELIHOODS) == set(LIKELIHOODS) == set(PARAMS_PER_CHANNEL)
+    likelihood = likelihood_for(ModelConfig(likelihood=name, channels=2, gaussian_sigma=0.3))
+    rng, x = _synthetic(7)
+    channels = likelihood.param_channels(2)
+    assert channels == PARAMS_PER_CHANNEL[name] * 2
+    raw = torch.from_numpy(rng.normal(0.5, 1.0, size=(3, channels, 5, 4))).float()
+    params = likelihood.constrain(raw)  # the bounds decode applies
+    expected = likelihood.nll(params, torch.from_numpy(x).float()).double().numpy()
+    got = negative_log_likelihood(name, params.double().numpy(), x, likelihood.constants())
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
 def test_unknown_likelihood_is_named():
     with pytest.raises(ValueError, match="unknown likelihood 'poisson'"):
         negative_log_likelihood("poisson", np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))
@@ -102,7 +121,7 @@ def test_unknown_likelihood_is_named():
 def test_score_matches_pytorch_elbo_and_iwae(runtime, trained_run, real_x):
     from train import load_model
 
-    model, _, _ = load_model(trained_run)
+    model = load_model(trained_run)
     num_samples, seed = 8, 3
     eps = torch.from_numpy(score_noise(len(real_x), num_samples, runtime.latent_dim, seed)).double()
     with torch.no_grad():

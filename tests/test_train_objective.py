@@ -12,8 +12,9 @@ from torch.distributions import Normal
 from train.config import ConfigError, ModelConfig, build_config
 from train.distributed import DistContext
 from train.evaluate import iwae_log_likelihood
-from train.loss import (discretized_logistic_nll, param_channels, reconstruction_nll,
-                        training_objective, vae_loss)
+from serve.likelihoods import PARAMS_PER_CHANNEL
+from train.likelihood import Gaussian, LearnedGaussian, discretized_logistic_nll
+from train.loss import training_objective, vae_loss
 from train.model import DiagonalGaussian, build_model
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"), "gloo")
@@ -22,9 +23,9 @@ CPU = DistContext(0, 1, 0, torch.device("cpu"), "gloo")
 def test_gaussian_likelihoods_match_torch_normal():
     torch.manual_seed(0)
     x, mean, log_sigma = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), torch.randn(4, 3, 8, 8) * 0.5 - 2
-    fixed = reconstruction_nll(mean, x, "gaussian", gaussian_sigma=0.1)
+    fixed = Gaussian(sigma=0.1).nll(mean, x)
     torch.testing.assert_close(fixed, -Normal(mean, 0.1).log_prob(x).flatten(1).sum(1), rtol=1e-5, atol=1e-3)
-    learned = reconstruction_nll(torch.cat([mean, log_sigma], 1), x, "gaussian_learned")
+    learned = LearnedGaussian().nll(torch.cat([mean, log_sigma], 1), x)
     reference = -Normal(mean, log_sigma.exp()).log_prob(x).flatten(1).sum(1)
     torch.testing.assert_close(learned, reference, rtol=1e-5, atol=1e-3)
 
@@ -54,7 +55,7 @@ def test_iwae_converges_to_the_exact_marginal_likelihood():
         z = torch.linspace(-10, 10, 20001)[:, None]
         params = model.decode(z)
         exact = torch.stack([
-            torch.logsumexp(-reconstruction_nll(params, x[i:i + 1].expand(len(z), -1, -1, -1)).double()
+            torch.logsumexp(-model.likelihood.nll(params, x[i:i + 1].expand(len(z), -1, -1, -1)).double()
                             - 0.5 * (z[:, 0].double() ** 2 + math.log(2 * math.pi)), 0) + math.log(20 / 20000)
             for i in range(3)])
     estimate = iwae_log_likelihood(model, x, num_samples=4000, chunk=333, generator=torch.Generator().manual_seed(0))
@@ -99,11 +100,11 @@ def test_model_shapes_for_every_likelihood(likelihood, size, channels, residual)
     model = build_model(config)
     x = torch.rand(3, channels, size, size)
     params, posterior = model(x)
-    assert params.shape == (3, param_channels(likelihood, channels), size, size)
+    assert params.shape == (3, PARAMS_PER_CHANNEL[likelihood] * channels, size, size)
     assert posterior.mean.shape == (3, 5)
     mean = model.image_mean(params)
     assert mean.shape == x.shape and mean.min() >= 0 and mean.max() <= 1
-    terms = vae_loss(params, x, posterior, likelihood)
+    terms = vae_loss(params, x, posterior, model.likelihood)
     assert torch.isfinite(terms.recon).all() and terms.recon.dtype == torch.float32
 
 

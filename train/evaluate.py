@@ -11,8 +11,7 @@ import torch
 from pipeline.errors import DataErrors
 from pipeline.loader import ShardSet, iter_eval_batches
 from train.distributed import DistContext, all_reduce_sum
-from train.loss import reconstruction_nll
-from train.model import ConvVAE
+from train.model import VAE
 from train.precision import autocast
 
 # A latent unit is "active" when its posterior mean varies across the data by more than this
@@ -26,15 +25,14 @@ def binarize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (torch.rand(x.shape, generator=generator, device=x.device) < x).to(x.dtype)
 
 
-def _decode_nll(model: ConvVAE, z: torch.Tensor, x: torch.Tensor, precision: str) -> torch.Tensor:
-    config = model.config
+def _decode_nll(model: VAE, z: torch.Tensor, x: torch.Tensor, precision: str) -> torch.Tensor:
     with autocast(precision, x.device):
         params = model.decode(z)
-    return reconstruction_nll(params, x, config.likelihood, config.gaussian_sigma)
+    return model.likelihood.nll(params, x)
 
 
 @torch.no_grad()
-def iwae_log_likelihood(model: ConvVAE, x: torch.Tensor, *, num_samples: int, chunk: int,
+def iwae_log_likelihood(model: VAE, x: torch.Tensor, *, num_samples: int, chunk: int,
                         generator: torch.Generator | None = None, precision: str = "fp32") -> torch.Tensor:
     """log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), per image (B,), in nats.
 
@@ -59,7 +57,7 @@ def iwae_log_likelihood(model: ConvVAE, x: torch.Tensor, *, num_samples: int, ch
 
 
 @torch.no_grad()
-def evaluate(model: ConvVAE, shards: ShardSet, context: DistContext, *, batch_size: int,
+def evaluate(model: VAE, shards: ShardSet, context: DistContext, *, batch_size: int,
              precision: str, seed: int = 1234, iwae_samples: int = 0, iwae_chunk: int = 50,
              binarize_inputs: bool = False, errors: DataErrors | None = None) -> dict[str, float]:
     """Per-image means over the whole val split, every sample once across ranks (all-reduced).
@@ -114,7 +112,7 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample_grid_images(model: ConvVAE, x: torch.Tensor, *, num_samples: int, seed: int
+def sample_grid_images(model: VAE, x: torch.Tensor, *, num_samples: int, seed: int
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(samples, reconstructions) as NxHxWxC uint8: pixel means of p(x|z) for z ~ N(0, I) and z = mean(x)."""
     was_training = model.training
@@ -129,7 +127,7 @@ def sample_grid_images(model: ConvVAE, x: torch.Tensor, *, num_samples: int, see
 
 
 @torch.no_grad()
-def interpolation_images(model: ConvVAE, x: torch.Tensor, *, num_rows: int = 4, num_steps: int = 10
+def interpolation_images(model: VAE, x: torch.Tensor, *, num_rows: int = 4, num_steps: int = 10
                          ) -> np.ndarray:
     """Rows of decodes along the straight line between the posterior means of two images, NxHxWxC uint8."""
     was_training = model.training

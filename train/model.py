@@ -1,13 +1,25 @@
-"""A convolutional VAE: encode(x) -> DiagonalGaussian, decode(z) -> likelihood parameters."""
+"""A convolutional VAE: encode(x) -> DiagonalGaussian, decode(z) -> likelihood parameters.
+
+`save_pretrained(dir)` / `VAE.from_pretrained(dir)` keep a model as model.safetensors (the weights,
+data only) and config.json (its ModelConfig), as Hugging Face models do.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from train.config import ModelConfig, latent_shape
+from train.likelihood import Likelihood, likelihood_for
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 
 # exp(logvar) outside [e^-30, e^20] only ever comes from a diverging step; clamping keeps the KL
 # and the reparameterised sample finite so the non-finite guard sees the real cause.
@@ -48,11 +60,6 @@ class DiagonalGaussian:
             math.log(2 * math.pi) + logvar + (z.float() - mean).pow(2) / logvar.exp(), dim=1)
 
 
-# Bounds on the log-scale channels of gaussian_learned / discretized_logistic, applied in decode so
-# the parameters consumers see are the ones the loss used (see train.loss).
-LOG_SCALE_MIN, LOG_SCALE_MAX = -7.0, 3.0
-
-
 def _stage(width: int, num_blocks: int, residual: bool) -> list[nn.Module]:
     return [ResidualBlock(width) if residual else PlainBlock(width) for _ in range(num_blocks)]
 
@@ -81,22 +88,24 @@ class ResidualBlock(nn.Module):
 class VAE(nn.Module):
     """What every architecture shares: `encoder` maps images to (B, 2 * latent) posterior
     parameters, `decode_features` maps z to raw likelihood parameters; this class turns those into
-    the posterior object, bounds the log-scales and knows the likelihood's constants."""
+    the posterior object and, through `likelihood`, bounded parameters and image means."""
 
     config: ModelConfig
+    likelihood: Likelihood
     encoder: nn.Module
     num_param_channels: int
     latent_shape: tuple[int, ...]
     """(latent_dim,) for a dense latent, (C, h, w) for a spatial one (z is always passed flattened)."""
 
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.likelihood = likelihood_for(config)
+        self.num_param_channels = self.likelihood.param_channels(config.channels)
+        self.latent_shape = latent_shape(config)
+
     def _init_output_bias(self, last: nn.Conv2d | nn.ConvTranspose2d) -> None:
-        if self.config.likelihood in ("gaussian", "gaussian_learned", "discretized_logistic"):
-            # start the mean at mid-grey and the scale at about 1/8, not at the edges of [0, 1]
-            nn.init.zeros_(last.bias)
-            with torch.no_grad():
-                last.bias[: self.config.channels] = 0.5
-                if self.num_param_channels > self.config.channels:
-                    last.bias[self.config.channels:] = -2.0
+        self.likelihood.init_output_bias(last.bias, self.config.channels)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Images in [0, 1], (B, C, H, W) -> q(z|x)."""
@@ -107,31 +116,61 @@ class VAE(nn.Module):
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, latent) -> likelihood parameters (B, C or 2C, H, W); layouts in train.loss."""
-        params = self.decode_features(z)
-        if self.num_param_channels > self.config.channels:
-            mean, log_scale = params.chunk(2, dim=1)
-            params = torch.cat([mean, log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)], dim=1)
-        return params
+        """Latents (B, latent) -> likelihood parameters (B, C or 2C, H, W); layouts in train.likelihood."""
+        return self.likelihood.constrain(self.decode_features(z))
 
     def image_mean(self, params: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters from `decode` -> the image mean E[x|z] in [0, 1]."""
-        from train.loss import image_mean
-
-        return image_mean(params, self.config.likelihood)
-
-    def likelihood_params(self) -> dict[str, float]:
-        """Constants of the likelihood that are not in `decode`'s output (for model.json)."""
-        if self.config.likelihood == "gaussian":
-            return {"sigma": self.config.gaussian_sigma}
-        if self.config.likelihood == "discretized_logistic":
-            return {"bin_width": 1 / 255}
-        return {}
+        return self.likelihood.image_mean(params)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write DIR/model.safetensors (weights) and DIR/config.json (the ModelConfig); returns DIR.
+
+        Each file is written under a temporary name and renamed, so a reader never sees half of one.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
+        temporary = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+        save_file(weights, str(temporary), metadata={"format": "pt"})
+        os.replace(temporary, directory / WEIGHTS_FILE)
+        temporary = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+        temporary.write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        os.replace(temporary, directory / CONFIG_FILE)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> VAE:
+        """The model `save_pretrained` wrote to DIR, in eval mode; bad files are a ValueError naming them."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from train.config import ConfigError, config_from_dict
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not config_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(f"{directory}: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
+                                    "(a directory written by save_pretrained)")
+        try:
+            config = config_from_dict({"model": json.loads(config_path.read_text())}).model
+        except (json.JSONDecodeError, ConfigError, TypeError, AttributeError) as error:
+            raise ValueError(f"{config_path}: not a model config ({error})") from error
+        model = build_model(config)
+        if not isinstance(model, cls):
+            raise TypeError(f"{config_path} describes a {type(model).__name__}, not a {cls.__name__}")
+        try:
+            model.load_state_dict(load_file(str(weights_path)))
+        except (SafetensorError, RuntimeError) as error:
+            raise ValueError(f"{weights_path} does not hold the weights {config_path} describes: {error}") from error
+        return model.eval()
 
 
 class ConvVAE(VAE):
@@ -139,17 +178,12 @@ class ConvVAE(VAE):
     bottleneck, and the mirror image up to the likelihood's parameters (the `conv` preset)."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        from train.loss import param_channels  # loss imports this module; import at build time
-
-        self.config = config
+        super().__init__(config)
         width1, width2 = config.widths
         depth, residual = config.blocks_per_stage, config.residual
         side = config.image_size // 4
         self.feature_shape = (width2, side, side)
-        self.latent_shape = latent_shape(config)
         features = width2 * side * side
-        self.num_param_channels = param_channels(config.likelihood, config.channels)
         self.encoder = nn.Sequential(
             nn.Conv2d(config.channels, width1, 4, stride=2, padding=1), nn.SiLU(),  # (B, w1, S/2, S/2)
             *_stage(width1, depth, residual),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ModelConfig, latent_shape, stage_sides
+from train.config import ModelConfig, stage_sides
 from train.model import VAE
 
 MAX_GROUPS = 32
@@ -105,23 +105,18 @@ class ResNetVAE(VAE):
     nearest up-sampling, ending in GN + SiLU + a 3x3 convolution to the likelihood's parameters."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        from train.loss import param_channels  # loss imports train.model; import at build time
-
-        self.config = config
+        super().__init__(config)
         sides = stage_sides(config.image_size, config.lowest_resolution)
         widths = stage_widths(config.widths, len(sides))
         depth, bottom = config.blocks_per_stage, widths[-1]
         self.feature_shape = (bottom, sides[-1], sides[-1])
         features = bottom * sides[-1] ** 2
-        self.num_param_channels = param_channels(config.likelihood, config.channels)
 
         down: list[nn.Module] = [nn.Conv2d(config.channels, widths[0], 3, padding=1)]  # (B, w0, S, S)
         for stage, width in enumerate(widths):
             down += _blocks(width, depth)
             if stage < len(widths) - 1:
                 down.append(Downsample(width, widths[stage + 1]))               # (B, w', side/2, side/2)
-        self.latent_shape = latent_shape(config)
         if config.latent_kind == "spatial":
             # z is (C, s, s), flattened channel-major at the edges so every consumer of a latent
             # vector (KL, sampling, export, serve) works unchanged; model.json records the shape

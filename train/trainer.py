@@ -23,6 +23,7 @@ from train.checkpoint import load_latest, save_checkpoint
 from train.config import TrainConfig, binarizes, config_to_dict
 from train.distributed import DistContext, all_reduce_sum
 from train.evaluate import binarize, evaluate, interpolation_images, sample_grid_images
+from train.likelihood import Likelihood
 from train.loss import training_objective, vae_loss
 from train.model import ConvVAE, build_model
 from train.precision import autocast, make_grad_scaler, resolve_precision
@@ -117,17 +118,16 @@ def gather_rng_states(generator: torch.Generator, context: DistContext) -> list[
     return states
 
 
-def train_step(wrapped, optimizer, scaler, x: torch.Tensor, generator: torch.Generator,
+def train_step(wrapped, likelihood: Likelihood, optimizer, scaler, x: torch.Tensor, generator: torch.Generator,
                config: TrainConfig, precision: str, beta: float
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, unscale and clip (no optimizer step, no host sync).
 
     Returns ([neg-ELBO, recon, KL] batch sums in fp32, grad norm); the caller checks the norm and steps.
     """
-    model_config = config.model
     with autocast(precision, x.device):
         params, posterior = wrapped(x, generator)
-    terms = vae_loss(params, x, posterior, model_config.likelihood, model_config.gaussian_sigma)
+    terms = vae_loss(params, x, posterior, likelihood)
     loss = training_objective(terms, posterior, beta=beta, free_bits=config.optim.free_bits)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -316,7 +316,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                     for group in optimizer.param_groups:
                         group["lr"] = config.optim.lr * lr_factor(position.step, progress, config)
                     beta = kl_weight(position.step, config)
-                    sums, grad_norm = train_step(wrapped, optimizer, scaler, x, generator, config,
+                    sums, grad_norm = train_step(wrapped, model.likelihood, optimizer, scaler, x, generator, config,
                                                  precision, beta)
                     # One host sync per step; gradients are all-reduced, so every rank decides alike.
                     finite = bool(torch.isfinite(grad_norm))
