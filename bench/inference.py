@@ -214,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     from train.config import TrainConfig, build_config
 
     if args.checkpoint:
-        from train import load_model
+        from train import load_checkpoint, load_model
+        from train.config import config_from_dict
 
-        model, config, state = load_model(args.checkpoint)
+        model, state = load_model(args.checkpoint), load_checkpoint(args.checkpoint)
+        config = config_from_dict(state["config"])
     else:
         torch.manual_seed(0)
         from train.model import build_model

@@ -97,7 +97,7 @@ def main() -> int:
     started = time.monotonic()
     summary = run_training(config, DistContext(0, 1, 0, torch.device("cpu"), "gloo"))
     ours_wall = time.monotonic() - started
-    model, _, _ = load_model(work / "run")  # the EMA weights, as exported
+    model = load_model(work / "run")  # the EMA weights, as exported
     t = time.monotonic()
     ours = {"steps": summary["steps"], "epochs": summary["epochs"], "train_wall_s": round(ours_wall, 1),
             "test_neg_elbo": round(summary["val/neg_elbo"], 2),

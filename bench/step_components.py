@@ -11,7 +11,7 @@ import copy, time, torch
 from train.config import build_config
 from train.model import build_model
 from train.loss import vae_loss, training_objective
-from train.trainer import update_ema
+from train.state import update_ema
 torch.manual_seed(0)
 cfg = build_config({})
 model = build_model(cfg.model); ema = copy.deepcopy(model).requires_grad_(False)

@@ -51,7 +51,8 @@ def bare_loop(seconds: float, precision: str, trainer_step: bool) -> float:
     then AdamW, EMA, dynamic binarisation, the lr and beta schedules); False only forward, backward
     and AdamW. No loader, no tracking, no stop flags: what is left is the pipeline's overhead.
     """
-    from train.trainer import kl_weight, lr_factor, train_step, update_ema
+    from train.state import update_ema
+    from train.trainer import kl_weight, lr_factor, train_step
 
     config = build_config({})
     torch.manual_seed(0)

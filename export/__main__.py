@@ -154,15 +154,16 @@ def _download_checkpoint(run_id: str, tracking_uri: str | None, into: Path) -> P
 
 def export_main(args: argparse.Namespace) -> int:
     from export.onnx_export import export_verified
-    from train import load_model
+    from train import load_checkpoint
+    from train.checkpoint import model_from_checkpoint
+    from train.config import config_from_dict
 
     with tempfile.TemporaryDirectory(prefix="export-run-") as scratch:
         checkpoint = args.checkpoint or _download_checkpoint(args.run, args.tracking_uri, Path(scratch))
-        model, config, state = load_model(checkpoint)
-        weights = "ema" if state.get("ema") else "raw"
-        if args.weights == "raw" and weights == "ema":
-            model.load_state_dict(state["model"])
-            weights = "raw"
+        state = load_checkpoint(checkpoint)
+        config = config_from_dict(state["config"])
+        model = model_from_checkpoint(state, args.weights, checkpoint)
+        weights = "ema" if args.weights == "ema" and state.get("ema") else "raw"
         if args.shards:
             shards, chosen_by = args.shards, "--shards"
         else:

@@ -40,7 +40,7 @@ def test_both_ranks_finish_the_same_steps(trained):
 
 def test_training_beats_the_untrained_model(trained):
     from pipeline.loader import open_split
-    from train import load_model
+    from train import load_checkpoint, load_model
     from train.config import ModelConfig
     from train.distributed import DistContext
     from train.evaluate import evaluate
@@ -50,7 +50,7 @@ def test_training_beats_the_untrained_model(trained):
     val = open_split(str(trained["shards"]), "val")
     torch.manual_seed(0)
     untrained = evaluate(build_model(ModelConfig()), val, context, batch_size=64, precision="fp32")
-    model, _, state = load_model(trained["out"] / "run")
+    model, state = load_model(trained["out"] / "run"), load_checkpoint(trained["out"] / "run")
     assert state["step"] == 120
     trained_metrics = evaluate(model, val, context, batch_size=64, precision="fp32")
     assert untrained["val/neg_elbo"] > 500  # ~784 * ln 2 for an untrained decoder
@@ -78,7 +78,7 @@ def test_onnx_export_matches_pytorch_and_serves_samples(trained):
 
     from train import load_model
 
-    model, _, _ = load_model(out / "run")
+    model = load_model(out / "run")
     z = np.random.default_rng(1).standard_normal((7, 16)).astype(np.float32)
     session = ort.InferenceSession(str(out / "model" / "decoder.onnx"), providers=["CPUExecutionProvider"])
     _, probs = session.run(None, {"z": z})

@@ -30,9 +30,11 @@ def reference(trained_run, small_shards):
     from pipeline.images import nhwc_to_nchw, to_unit_float
     from pipeline.loader import open_split
     from pipeline.shards import read_shard_images
-    from train import load_model
+    from train import load_checkpoint, load_model
+    from train.config import config_from_dict
 
-    model, config, state = load_model(trained_run)
+    model, state = load_model(trained_run), load_checkpoint(trained_run)
+    config = config_from_dict(state["config"])
     val = open_split(str(small_shards), "val")
     images = np.concatenate([read_shard_images(url, val.manifest.image_shape)[0] for url in val.urls])
     return model, config, state, nhwc_to_nchw(to_unit_float(images)).astype(np.float32)

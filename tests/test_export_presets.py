@@ -55,8 +55,9 @@ def _wake_zero_initialised_layers(model: torch.nn.Module) -> None:
 def exported_preset(request, mnist5k, tmp_path_factory):
     """A preset model saved as a checkpoint, loaded through train.load_model, exported at fp32 and fp16."""
     from export.onnx_export import export_verified
-    from train import load_model
+    from train import load_checkpoint, load_model
     from train.checkpoint import save_checkpoint
+    from train.config import config_from_dict
     from train.model import build_model
 
     preset, size, channels, likelihood, latent_kind = request.param
@@ -70,7 +71,8 @@ def exported_preset(request, mnist5k, tmp_path_factory):
     model = build_model(config.model)
     _wake_zero_initialised_layers(model)
     save_checkpoint(work / "checkpoints", 1, {"model": model.state_dict(), "config": config_to_dict(config)})
-    loaded, loaded_config, state = load_model(work / "checkpoints")
+    loaded, state = load_model(work / "checkpoints"), load_checkpoint(work / "checkpoints")
+    loaded_config = config_from_dict(state["config"])
     assert loaded_config == config and type(loaded) is type(model)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -174,7 +176,8 @@ def test_a_trained_preset_through_trainer_export_cli_registry_and_serve(small_sh
     from export.__main__ import main as export_main
     from export.registry import register_export, resolve_model_dir
     from serve.runtime import RuntimeOptions, VAERuntime
-    from train import load_model
+    from train import load_checkpoint, load_model
+    from train.config import config_from_dict
     from train.distributed import DistContext
     from train.resnet import ResNetVAE
     from train.trainer import run_training
@@ -190,8 +193,14 @@ def test_a_trained_preset_through_trainer_export_cli_registry_and_serve(small_sh
     })
     summary = run_training(config, DistContext(0, 1, 0, torch.device("cpu"), "gloo"))
     assert summary["steps"] == 20
-    model, loaded_config, state = load_model(tmp_path / "run")
+    model, state = load_model(tmp_path / "run"), load_checkpoint(tmp_path / "run")
+    loaded_config = config_from_dict(state["config"])
     assert isinstance(model, ResNetVAE) and loaded_config.model == config.model
+    # the finished run also left its model as model.safetensors + config.json: the same weights
+    pretrained = ResNetVAE.from_pretrained(tmp_path / "run" / "model")
+    assert pretrained.config == model.config and not pretrained.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(pretrained.state_dict()[key], value), key
     assert loaded_config.model.preset == "resnet-s" and loaded_config.model.attention is False
 
     out = tmp_path / "model"

@@ -28,6 +28,46 @@ def _model_config(**fields) -> ModelConfig:
     return build_config({"model": fields, "data": {"dynamic_binarization": "off"}}).model
 
 
+@pytest.mark.parametrize("fields", [
+    {"likelihood": "gaussian", "gaussian_sigma": 0.2, "widths": "4,8", "hidden_dim": 16, "latent_dim": 3},
+    {"preset": "resnet-s", "image_size": 16, "channels": 3, "likelihood": "discretized_logistic",
+     "latent_kind": "spatial", "latent_channels": 2, "widths": "4,8", "blocks_per_stage": 1}])
+def test_save_pretrained_and_from_pretrained_give_the_same_model(tmp_path, fields):
+    from train import load_model
+    from train.model import VAE
+
+    config = _model_config(**fields)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    directory = model.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    for loaded in (VAE.from_pretrained(directory), type(model).from_pretrained(directory), load_model(directory)):
+        assert type(loaded) is type(model) and loaded.config == config and not loaded.training
+        x = torch.rand(4, config.channels, config.image_size, config.image_size)
+        z = torch.randn(4, config.latent_dim)
+        with torch.no_grad():
+            for ours, theirs in ((model.encode(x).mean, loaded.encode(x).mean),
+                                 (model.encode(x).logvar, loaded.encode(x).logvar), (model.decode(z), loaded.decode(z))):
+                assert torch.equal(ours, theirs)
+        assert loaded.likelihood.constants() == model.likelihood.constants()
+    with pytest.raises(TypeError, match="describes a"):
+        (ConvVAE if isinstance(model, ResNetVAE) else ResNetVAE).from_pretrained(directory)
+
+    # what is wrong is named: a config that is not one, weights cut short, a directory without them
+    config_file, weights_file = directory / "config.json", directory / "model.safetensors"
+    good_config = config_file.read_text()
+    config_file.write_text('{"likelihood": "poisson"}')
+    with pytest.raises(ValueError, match=r"(?s)config\.json: not a model config .*model\.likelihood"):
+        VAE.from_pretrained(directory)
+    config_file.write_text(good_config)
+    weights_file.write_bytes(weights_file.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"model\.safetensors does not hold the weights"):
+        VAE.from_pretrained(directory)
+    weights_file.unlink()
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        VAE.from_pretrained(directory)
+
+
 def test_conv_preset_is_the_original_net_and_stays_the_default():
     assert build_config({}).model == ModelConfig() == _model_config(preset="conv")
     model = build_model(ModelConfig())

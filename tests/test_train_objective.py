@@ -147,7 +147,7 @@ def _config(shards, tmp_path, **overrides):
 def test_bf16_and_fp32_both_train_and_the_ema_differs(small_shards, tmp_path, precision):
     import json
 
-    from train import load_model
+    from train import load_checkpoint, load_model
     from train.trainer import run_training
 
     summary = run_training(_config(small_shards, tmp_path, run__precision=precision,
@@ -157,7 +157,7 @@ def test_bf16_and_fp32_both_train_and_the_ema_differs(small_shards, tmp_path, pr
     train_losses = [r["train/neg_elbo"] for r in history if "train/neg_elbo" in r]
     assert train_losses[-1] < train_losses[0] - 30, train_losses  # from ~540 nats (784 ln 2) untrained
     assert summary["val/nll"] <= summary["val/neg_elbo"] + 1.0  # IWAE bound (K=5) vs one-sample ELBO
-    model, _, state = load_model(tmp_path / "run")
+    model, state = load_model(tmp_path / "run"), load_checkpoint(tmp_path / "run")
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
     assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())  # load_model gives the EMA
 
@@ -191,11 +191,11 @@ def test_precision_resolution():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_with_grad_scaler_trains_on_cuda(small_shards, tmp_path):
-    from train import load_model
+    from train import load_checkpoint
     from train.trainer import run_training
 
     context = DistContext(0, 1, 0, torch.device("cuda", 0), "nccl")
     summary = run_training(_config(small_shards, tmp_path, run__precision="fp16"), context)
     assert summary["precision"] == "fp16" and summary["steps"] == 25
-    _, _, state = load_model(tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run")
     assert state["scaler"]["scale"] > 0  # the GradScaler's state is checkpointed

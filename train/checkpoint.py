@@ -17,6 +17,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -173,6 +174,34 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu")
     return None
 
 
+class Checkpointer:
+    """Saves the trainer state to checkpoints/ every `interval_steps` steps (and when asked).
+
+    `save` is a collective (the state gathers every rank's noise generator): every rank calls it at
+    the same step; rank 0 writes, then calls `after_save`. `extras()` is stored beside the state
+    (the config, the MLflow run).
+    """
+
+    def __init__(self, directory: str | Path, state, is_main: bool, *, interval_steps: int, keep: int,
+                 extras: Callable[[], dict], after_save: Callable[[], object] = lambda: None) -> None:
+        self.directory, self.state, self.is_main = Path(directory), state, is_main
+        self.interval_steps, self.keep, self.extras, self.after_save = interval_steps, keep, extras, after_save
+        self.last_saved_step = state.position.step  # what is on disk already (resumed from or nothing)
+
+    def should_run(self, step: int) -> bool:
+        return step % self.interval_steps == 0 and step != self.last_saved_step
+
+    def save(self) -> Path | None:
+        """The checkpoint's directory on rank 0, None on the others."""
+        payload = self.state.state_dict()
+        step = self.last_saved_step = self.state.position.step
+        if not self.is_main:
+            return None
+        path = save_checkpoint(self.directory, step, {**payload, **self.extras()}, keep=self.keep)
+        self.after_save()
+        return path
+
+
 def _checkpoints_dir(path: Path) -> Path:
     """A run directory's checkpoints/ folder; any other directory as it is."""
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -206,21 +235,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return loaded[1]
 
 
-def load_model(path: str | Path):
-    """(model in eval mode, TrainConfig, checkpoint state) from any checkpoint path.
-
-    Uses the EMA weights when the checkpoint has them. A state dict that does not fit the stored
-    config is reported with the mismatching keys.
-    """
+def model_from_checkpoint(state: dict, weights: str = "ema", source: str | Path = "checkpoint"):
+    """The VAE a checkpoint's state describes, in eval mode: its EMA weights when it has them
+    (what evaluation and export use) or, with weights="raw", the optimizer's. A state dict that does
+    not fit the stored config is a ValueError naming `source` and the mismatching keys."""
     from train.config import config_from_dict
     from train.model import build_model
 
-    state = load_checkpoint(path)
-    config = config_from_dict(state["config"])
-    model = build_model(config.model)
-    weights = state.get("ema") or state["model"]  # the EMA is what evaluation and export use
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights: expected 'ema' or 'raw', got {weights!r}")
+    model = build_model(config_from_dict(state["config"]).model)
+    chosen = (state.get("ema") if weights == "ema" else None) or state["model"]
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(chosen)
     except RuntimeError as error:
-        raise ValueError(f"checkpoint {path} does not match its model config: {error}") from error
-    return model.eval(), config, state
+        raise ValueError(f"checkpoint {source} does not match its model config: {error}") from error
+    return model.eval()
+
+
+def load_model(path: str | Path, weights: str = "ema"):
+    """A trained VAE in eval mode from a save_pretrained directory (model.safetensors + config.json)
+    or any checkpoint path (a state.pt, a step, checkpoints or run directory: see load_checkpoint)."""
+    from train.model import VAE, WEIGHTS_FILE
+
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return VAE.from_pretrained(path)
+    return model_from_checkpoint(load_checkpoint(path), weights, path)

@@ -3,13 +3,16 @@ NLL estimate (IWAE bound), active latent units; and the image grids logged per e
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import torch
 
-from pipeline.errors import DataErrors
+from pipeline.errors import DataErrors, ErrorBudget
+from pipeline.images import make_grid
 from pipeline.loader import ShardSet, iter_eval_batches
+from train.config import TrainConfig, binarizes
 from train.distributed import DistContext, all_reduce_sum
 from train.model import VAE
 from train.precision import autocast
@@ -18,6 +21,7 @@ from train.precision import autocast
 # (Burda et al. 2016): a unit collapsed to the prior has a posterior mean that ignores x.
 ACTIVE_UNIT_THRESHOLD = 0.01
 LOG_2PI = math.log(2 * math.pi)
+log = logging.getLogger(__name__)
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -140,3 +144,34 @@ def interpolation_images(model: VAE, x: torch.Tensor, *, num_rows: int = 4, num_
     images = model.image_mean(model.decode(path.flatten(0, 1)).float())
     model.train(was_training)
     return _to_uint8(images)
+
+
+class Evaluator:
+    """Validation every run.eval_interval_steps steps (and when asked): metrics logged, image grids from
+    rank 0. `run` is a collective (the sums are all-reduced): every rank calls it at the same step."""
+
+    def __init__(self, model: VAE, shards: ShardSet, context: DistContext, tracker, config: TrainConfig, *,
+                 precision: str, error_budget: ErrorBudget, grid_images: torch.Tensor, last_step: int) -> None:
+        self.model, self.shards, self.context, self.tracker = model, shards, context, tracker
+        self.config, self.precision, self.error_budget = config, precision, error_budget
+        self.grid_images = grid_images  # (N, C, H, W) in [0, 1], for the sample/reconstruction grids
+        self.last_step = last_step
+
+    def should_run(self, step: int) -> bool:
+        return step % self.config.run.eval_interval_steps == 0 and step != self.last_step
+
+    def run(self, step: int, iwae_samples: int) -> dict[str, float]:
+        self.last_step, seed = step, self.config.run.seed
+        metrics = evaluate(self.model, self.shards, self.context, batch_size=self.config.data.eval_batch_size,
+                           precision=self.precision, seed=seed + 1234, iwae_samples=iwae_samples,
+                           iwae_chunk=self.config.run.iwae_chunk, binarize_inputs=binarizes(self.config),
+                           errors=DataErrors(self.error_budget))
+        self.tracker.log_metrics(metrics, step)
+        if self.context.is_main:  # the grids come from the unwrapped (EMA) model, on rank 0 only
+            model, images = self.model, self.grid_images
+            samples, pairs = sample_grid_images(model, images, num_samples=64, seed=seed)
+            self.tracker.log_image(make_grid(samples, 8), "samples", step)
+            self.tracker.log_image(make_grid(pairs, 8), "reconstructions", step)
+            self.tracker.log_image(make_grid(interpolation_images(model, images), 10), "interpolations", step)
+            log.info("step %d: %s", step, {k: round(v, 3) for k, v in metrics.items()})
+        return metrics

@@ -1,47 +1,42 @@
-"""The training loop: build, resume, loop over steps, evaluate/log/save at intervals, tear down."""
+"""The training loop: build, resume, loop over steps, evaluate/log/save at intervals, tear down.
+
+Each component owns its cadence (`should_run(step)`): the metric window (train.metrics), the
+checkpointer (train.checkpoint), the evaluator (train.evaluate); the stop decision is
+train.stopping's; everything a checkpoint restores is one TrainState (train.state).
+"""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import itertools
+import logging
 import math
-import signal
 import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.images import make_grid
+from pipeline.cli import EXIT_PREEMPTED  # noqa: F401  (train.__main__ reads it here: 128 + SIGTERM)
 from pipeline.data import open_train_val
-from pipeline.errors import DataErrors, ErrorBudget
+from pipeline.errors import ErrorBudget
 from pipeline.loader import ShardSet, batches_per_epoch, iter_eval_batches, make_train_loader
-from train.checkpoint import load_latest, save_checkpoint
+from train.checkpoint import Checkpointer
 from train.config import TrainConfig, binarizes, config_to_dict
 from train.distributed import DistContext, all_reduce_sum
-from train.evaluate import binarize, evaluate, interpolation_images, sample_grid_images
+from train.evaluate import Evaluator, binarize
 from train.likelihood import Likelihood
 from train.loss import training_objective, vae_loss
-from train.model import ConvVAE, build_model
-from train.precision import autocast, make_grad_scaler, resolve_precision
+from train.metrics import MetricWindow, progress_line
+from train.precision import autocast, resolve_precision
 from train.run_lock import RunDirInUseError, RunDirLock
-from train.tracking import make_tracker, readable_run_name, system_metrics
+from train.state import TrainState, resume
+from train.stopping import PreemptionFlag, StopConditions
+from train.tracking import make_tracker, readable_run_name
 
-from pipeline.cli import EXIT_PREEMPTED  # 128 + SIGTERM, what Kubernetes and torchrun expect
-
-
-@dataclass
-class Position:
-    """Where the job is: saved in every checkpoint, restored on resume."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    elapsed_s: float = 0.0
-    skipped_steps: int = 0
+log = logging.getLogger(__name__)
+PRETRAINED_DIR = "model"  # RUN/model: the finished run's model, save_pretrained style
 
 
 def lr_factor(step: int, progress: float, config: TrainConfig) -> float:
@@ -68,56 +63,6 @@ def check_data_matches_model(config: TrainConfig, image_shape: tuple[int, int, i
             "--model.channels to match the manifest")
 
 
-class PreemptionFlag:
-    """Set by SIGTERM (Kubernetes preemption, torchrun stopping workers, the torchrun agent's
-    death) or by `request`; read once per step, agreed on by every rank, then: save, exit 143.
-
-    A second SIGTERM exits at once, for a process stuck where the flag is never read.
-    """
-
-    def __init__(self) -> None:
-        self.set = False
-        self._previous = None
-
-    def request(self, reason: str) -> None:
-        self.set = True
-        print(f"{reason}: saving a checkpoint at the end of this step, then exiting", file=sys.stderr, flush=True)
-
-    def _handle(self, signum, frame) -> None:
-        if self.set:
-            raise SystemExit(EXIT_PREEMPTED)
-        self.request("SIGTERM")
-
-    def __enter__(self) -> PreemptionFlag:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (in-process use): no handler, no preemption
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def update_ema(ema: ConvVAE, model: ConvVAE, step: int, decay: float) -> None:
-    """ema <- d * ema + (1 - d) * model, with d ramped up early so the first weights wash out fast."""
-    d = min(decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        ema_params = [p for p in ema.parameters()]
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - d)
-
-
-def gather_rng_states(generator: torch.Generator, context: DistContext) -> list[torch.Tensor]:
-    """Every rank's noise-generator state, on every rank (a collective: all ranks call it)."""
-    state = generator.get_state()
-    if not context.is_distributed:
-        return [state]
-    states: list = [None] * context.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
 def train_step(wrapped, likelihood: Likelihood, optimizer, scaler, x: torch.Tensor, generator: torch.Generator,
                config: TrainConfig, precision: str, beta: float
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +82,20 @@ def train_step(wrapped, likelihood: Likelihood, optimizer, scaler, x: torch.Tens
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
     sums = torch.stack([(terms.recon + terms.kl).sum(), terms.recon.sum(), terms.kl.sum()]).detach()
     return sums, grad_norm
+
+
+def training_batches(loader, state: TrainState) -> Iterator[torch.Tensor]:
+    """uint8 batches from the state's data position on, epoch after epoch; counts each batch taken.
+
+    An epoch's batches resume at position.batch_in_epoch; the loop moves the position to the next
+    epoch (Position.roll_epoch), which starts the next pass here.
+    """
+    position = state.position
+    while True:
+        loader.dataset.epoch = position.epoch
+        for images, *_ in itertools.islice(loader, position.batch_in_epoch, state.num_batches):
+            position.batch_in_epoch += 1
+            yield images
 
 
 def first_val_images(val_shards: ShardSet, count: int = 64) -> torch.Tensor:
@@ -160,15 +119,26 @@ def lock_run_dir(out_dir: str, context: DistContext) -> RunDirLock | None:
     return lock
 
 
-def agree_on_resume_step(step: int, checkpoint_dir: Path, context: DistContext) -> None:
-    """Every rank must continue from the same checkpoint (a collective: all ranks call it)."""
-    if not context.is_distributed:
+@contextlib.contextmanager
+def _log_output():
+    """In-process use (tests, notebooks) with no handler writing to stderr: show the trainer's INFO
+    lines there for the length of the run. `python -m train` sets up its own handlers."""
+    logger = logging.getLogger("train")
+    chain, current = [], logger
+    while current is not None:
+        chain += current.handlers
+        current = current.parent if current.propagate else None
+    if any(type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__) for h in chain):
+        yield
         return
-    bounds = torch.tensor([step, -step], dtype=torch.float64, device=context.device)
-    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
-    if bounds[0] != -bounds[1]:
-        raise ValueError(f"ranks found different newest checkpoints in {checkpoint_dir} (steps "
-                         f"{-bounds[1]:.0f} to {bounds[0]:.0f}); is it on a filesystem every rank sees alike?")
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def run_training(config: TrainConfig, context: DistContext) -> dict:
@@ -176,12 +146,13 @@ def run_training(config: TrainConfig, context: DistContext) -> dict:
 
     The run directory is locked for the whole run: a second trainer on it is refused.
     """
-    lock = lock_run_dir(config.run.out_dir, context)
-    try:
-        return _train(config, context)
-    finally:
-        if lock is not None:
-            lock.release()
+    with _log_output():
+        lock = lock_run_dir(config.run.out_dir, context)
+        try:
+            return _train(config, context)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _train(config: TrainConfig, context: DistContext) -> dict:
@@ -194,212 +165,104 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     if train_shards.decoder is None:  # our own shards hold one size; foreign ones are fitted to the model
         check_data_matches_model(config, train_shards.manifest.image_shape)
     num_batches = batches_per_epoch(train_shards.num_samples, config.data.batch_size, context.world_size)
-    step_limits = [config.run.max_steps] if config.run.max_steps else []
-    if config.run.max_epochs:
-        step_limits.append(math.ceil(config.run.max_epochs * num_batches))
-    schedule_steps = min(step_limits) if step_limits else None  # None: the schedule follows the clock
+    state = TrainState(config, context, precision, num_batches)
+    run_dir = Path(config.run.out_dir)
+    run_id = resume(state, run_dir / "checkpoints", context).get("mlflow_run_id")
 
-    model: ConvVAE = build_model(config.model).to(context.device)
-    ema = copy.deepcopy(model).requires_grad_(False) if config.optim.ema_decay > 0 else None
-    eval_model = ema if ema is not None else model  # evaluation and export use the EMA
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
-                                  weight_decay=config.optim.weight_decay)
-    scaler = make_grad_scaler(precision, context.device)
-    generator = torch.Generator(device=context.device).manual_seed(config.run.seed * 7919 + 1 + context.rank)
-    position = Position()
-    checkpoint_dir = Path(config.run.out_dir) / "checkpoints"
-    run_id = None
-    loaded = load_latest(checkpoint_dir, map_location=context.device)  # unreadable ones: warned, passed over
-    if loaded is not None:
-        resume_from, state = loaded
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state.get("ema") or state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state.get("scaler") or {})
-        saved = state.get("position") or {"step": state["step"], "epoch": state.get("epoch", -1) + 1}
-        position = Position(**saved)
-        saved_world = state.get("world_size", context.world_size)
-        if saved_world != context.world_size:  # batches per epoch changed: keep the share of the epoch
-            position.batch_in_epoch = min(num_batches - 1, position.batch_in_epoch * saved_world // context.world_size)
-            if context.is_main:
-                print(f"resuming {saved_world} ranks' checkpoint on {context.world_size}: data order and "
-                      "noise continue approximately, not exactly", file=sys.stderr, flush=True)
-        rng = state.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"].cpu())
-        if len(rng.get("generators", [])) == context.world_size:  # same world size: exact continuation
-            generator.set_state(rng["generators"][context.rank].cpu())
-        run_id = state.get("mlflow_run_id")
-        if context.is_main:
-            print(f"resumed from {resume_from} at step {position.step}", file=sys.stderr, flush=True)
-    agree_on_resume_step(position.step, checkpoint_dir, context)
-
-    wrapped = DistributedDataParallel(model) if context.is_distributed else model
+    wrapped = DistributedDataParallel(state.model) if context.is_distributed else state.model
     if config.run.compile:
         wrapped = torch.compile(wrapped)
     tags = {"world_size": str(context.world_size), "backend": context.backend, "precision": precision,
-            "device": str(context.device), "torch": torch.__version__,
-            "likelihood": config.model.likelihood}
+            "device": str(context.device), "torch": torch.__version__, "likelihood": config.model.likelihood}
     tracker = make_tracker(config, context.is_main, tags, run_id,
                            readable_run_name(config, context.world_size, precision))
     error_budget = ErrorBudget(config.data.max_bad_samples, config.data.max_bad_fraction)  # training and evaluation
     loader = make_train_loader(train_shards, batch_size=config.data.batch_size, rank=context.rank,
                                world_size=context.world_size, seed=config.run.seed,
                                num_workers=config.data.num_workers, error_budget=error_budget)
-    binarize_inputs = binarizes(config)
-    data_errors = loader.dataset.errors  # skipped samples and bad shards, counted across worker processes
-    grid_images = first_val_images(val_shards).to(context.device).float().div_(255.0)
-
-    def save() -> Path | None:
-        rng = {"torch": torch.get_rng_state(), "generators": gather_rng_states(generator, context)}
-        if not context.is_main:
-            return None
-        path = save_checkpoint(checkpoint_dir, position.step, {
-            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "position": asdict(position), "epoch": position.epoch, "rng": rng,
-            "world_size": context.world_size, "config": config_to_dict(config),
-            "mlflow_run_id": tracker.run_id,
-        }, keep=config.run.keep_checkpoints)
-        if getattr(tracker, "healthy", False):  # so a crash after this loses no logged metric
-            tracker.flush(timeout_s=10.0)
-        return path
-
-    def evaluate_and_log(iwae_samples: int) -> dict[str, float]:
-        metrics = evaluate(eval_model, val_shards, context, batch_size=config.data.eval_batch_size,
-                           precision=precision, seed=config.run.seed + 1234, iwae_samples=iwae_samples,
-                           iwae_chunk=config.run.iwae_chunk, binarize_inputs=binarizes(config),
-                           errors=DataErrors(error_budget))
-        tracker.log_metrics(metrics, position.step)
-        if context.is_main:
-            samples, pairs = sample_grid_images(eval_model, grid_images, num_samples=64, seed=config.run.seed)
-            tracker.log_image(make_grid(samples, 8), "samples", position.step)
-            tracker.log_image(make_grid(pairs, 8), "reconstructions", position.step)
-            tracker.log_image(make_grid(interpolation_images(eval_model, grid_images), 10),
-                              "interpolations", position.step)
-            shown = {k: round(v, 3) for k, v in metrics.items()}
-            print(f"step {position.step}: {shown}", file=sys.stderr, flush=True)
-        return metrics
-
-    def step_limit_reached() -> bool:
-        return (bool(config.run.max_steps) and position.step >= config.run.max_steps) or (
-            bool(config.run.max_epochs)
-            and position.epoch + position.batch_in_epoch / num_batches >= config.run.max_epochs)
-
-    started = time.monotonic() - position.elapsed_s
-    window = torch.zeros(3, dtype=torch.float64, device=context.device)
-    window_images, window_start, window_wait, consecutive_skips = 0, time.perf_counter(), 0.0, 0
-    val_metrics: dict[str, float] = {}
-    stopped_by = "steps" if step_limit_reached() else ""
+    checkpoints = Checkpointer(
+        run_dir / "checkpoints", state, context.is_main, interval_steps=config.run.checkpoint_interval_steps,
+        keep=config.run.keep_checkpoints,
+        extras=lambda: {"config": config_to_dict(config), "mlflow_run_id": tracker.run_id},
+        # flushed after each save, so a crash after it loses no logged metric
+        after_save=lambda: getattr(tracker, "healthy", False) and tracker.flush(timeout_s=10.0))
+    evaluator = Evaluator(state.eval_model, val_shards, context, tracker, config, precision=precision,
+                          error_budget=error_budget, last_step=state.position.step,
+                          grid_images=first_val_images(val_shards).to(context.device).float().div_(255.0))
+    window = MetricWindow(context, tracker, interval_steps=config.run.log_interval_steps,
+                          data_errors=loader.dataset.errors,  # counted across worker processes
+                          with_system_metrics=config.run.system_metrics)
+    stop = StopConditions(config, context, num_batches, state.position)
     status = "FAILED"
-    rank0_elapsed = position.elapsed_s
-    grad_norm = torch.zeros(())
     try:
-        with PreemptionFlag() as preempted:
-            while not stopped_by:
-                loader.dataset.epoch = position.epoch
-                batches = itertools.islice(loader, position.batch_in_epoch, num_batches)
-                while not stopped_by:
-                    wait_start = time.perf_counter()
-                    images = next(batches, None)
-                    if images is None:
-                        break
-                    images = images[0]
-                    window_wait += time.perf_counter() - wait_start
-                    position.batch_in_epoch += 1
-                    x = images.to(context.device, non_blocking=True).float().div_(255.0)  # uint8 crossed the bus
-                    if binarize_inputs:
-                        x = binarize(x, generator)
-                    progress = (position.step / schedule_steps if schedule_steps
-                                else rank0_elapsed / config.run.max_time_s)
-                    for group in optimizer.param_groups:
-                        group["lr"] = config.optim.lr * lr_factor(position.step, progress, config)
-                    beta = kl_weight(position.step, config)
-                    sums, grad_norm = train_step(wrapped, model.likelihood, optimizer, scaler, x, generator, config,
-                                                 precision, beta)
-                    # One host sync per step; gradients are all-reduced, so every rank decides alike.
-                    finite = bool(torch.isfinite(grad_norm))
-                    if finite:
-                        scaler.step(optimizer)
-                        scaler.update()
-                        if ema is not None:
-                            update_ema(ema, model, position.step, config.optim.ema_decay)
-                        position.step += 1
-                        consecutive_skips = 0
-                        window += sums.double()
-                        window_images += images.shape[0]
-                    else:
-                        scaler.update()  # fp16: lowers the scale; otherwise a no-op
-                        optimizer.zero_grad(set_to_none=True)
-                        position.skipped_steps += 1
-                        consecutive_skips += 1
-                        if consecutive_skips >= config.run.max_consecutive_skips:
-                            raise FloatingPointError(
-                                f"non-finite loss or gradients for {consecutive_skips} steps in a row, "
-                                f"the last at step {position.step} (epoch {position.epoch}, batch "
-                                f"{position.batch_in_epoch}); lower optim.lr or check the data")
-                    if not preempted.set and context.agent_gone():  # torchrun was SIGKILLed: stop as for SIGTERM
-                        preempted.request(f"the torchrun agent (pid {context.agent_pid}) is gone")
-                    # Stop decisions are shared: SIGTERM on any rank and rank 0's clock, summed.
-                    flags = torch.tensor([float(preempted.set),
-                                          time.monotonic() - started if context.is_main else 0.0])
-                    if context.is_distributed:
-                        flags = all_reduce_sum(flags.to(context.device), context).cpu()
-                    rank0_elapsed = float(flags[1])
-                    position.elapsed_s = rank0_elapsed
-                    if flags[0] > 0:
-                        stopped_by = "sigterm"
-                    elif config.run.max_time_s and rank0_elapsed >= config.run.max_time_s:
-                        stopped_by = "time"
-                    elif step_limit_reached():
-                        stopped_by = "steps"
-                    if position.batch_in_epoch == num_batches:
-                        position.epoch += 1
-                        position.batch_in_epoch = 0
-                    if window_images and (position.step % config.run.log_interval_steps == 0 or stopped_by):
-                        data = [data_errors.num_skipped_samples, data_errors.num_bad_shards,
-                                data_errors.num_read_samples]  # this start's counts, every rank's summed
-                        totals = all_reduce_sum(torch.cat([window, window.new_tensor(
-                            [window_images, window_wait, *data])]), context)
-                        elapsed = time.perf_counter() - window_start
-                        nelbo, recon, kl = (totals[:3] / totals[3]).tolist()
-                        metrics = {"train/neg_elbo": nelbo, "train/recon": recon, "train/kl": kl,
-                                   "train/beta": beta, "train/lr": optimizer.param_groups[0]["lr"],
-                                   "train/grad_norm": float(grad_norm),
-                                   "train/samples_per_s": totals[3].item() / elapsed,
-                                   "train/data_wait_share": totals[4].item() / context.world_size / elapsed,
-                                   "train/skipped_steps": position.skipped_steps,
-                                   "train/epoch": position.epoch + position.batch_in_epoch / num_batches,
-                                   "data/skipped_samples": totals[5].item(), "data/bad_shards": totals[6].item(),
-                                   "data/read_samples": totals[7].item()}
-                        if config.run.system_metrics and context.is_main:
-                            metrics.update(system_metrics(context.device))
-                        tracker.log_metrics(metrics, position.step)
-                        window.zero_()
-                        window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
-                    if stopped_by:
-                        break
-                    pause_start = time.perf_counter()
-                    # Save before evaluating: bad validation data must not cost the steps since the last save.
-                    if position.step % config.run.checkpoint_interval_steps == 0 and finite:
-                        save()
-                    if position.step % config.run.eval_interval_steps == 0 and finite:
-                        val_metrics = evaluate_and_log(config.run.iwae_samples)
-                    window_start += time.perf_counter() - pause_start  # samples/s counts training only
+        with PreemptionFlag() as preempted:  # held through the final save and evaluation
+            stopped_by, val_metrics = _loop(state, wrapped, loader, checkpoints, evaluator, window, stop,
+                                            preempted, precision)
+            final = checkpoints.save()  # before the final evaluation, which reads validation data that may fail
             if stopped_by == "sigterm":
-                save()
                 status = "KILLED"
             else:
-                final = save()  # before the final evaluation, which reads validation data that may fail
                 if final is not None:
                     tracker.log_artifacts(final, "checkpoint")
-                val_metrics = evaluate_and_log(config.run.final_iwae_samples)
+                    pretrained = state.eval_model.save_pretrained(run_dir / PRETRAINED_DIR)
+                    tracker.log_artifacts(pretrained, PRETRAINED_DIR)
+                    log.info("model saved to %s (train.load_model or VAE.from_pretrained reads it)", pretrained)
+                val_metrics = evaluator.run(state.position.step, config.run.final_iwae_samples)
                 status = "FINISHED"
     finally:
         tracker.close(status)
+    position = state.position
     return {"rank": context.rank, "world_size": context.world_size, "steps": position.step,
-            "epochs": round(position.epoch + position.batch_in_epoch / num_batches, 4),
-            "precision": precision, "skipped_steps": position.skipped_steps, "stopped_by": stopped_by,
-            "seconds": round(time.monotonic() - started, 2), "mlflow_run_id": tracker.run_id,
-            **val_metrics}
+            "epochs": round(position.epochs(num_batches), 4), "precision": precision,
+            "skipped_steps": position.skipped_steps, "stopped_by": stopped_by,
+            "seconds": round(stop.elapsed_s(), 2), "mlflow_run_id": tracker.run_id, **val_metrics}
+
+
+def _loop(state: TrainState, wrapped, loader, checkpoints: Checkpointer, evaluator: Evaluator,
+          window: MetricWindow, stop: StopConditions, preempted: PreemptionFlag, precision: str
+          ) -> tuple[str, dict[str, float]]:
+    """Train until a limit or SIGTERM; returns why it stopped and the last periodic validation metrics.
+
+    Distributed invariants (a rank that skips a collective the others make hangs them all):
+    - every rank runs the same steps: DDP all-reduces the gradients in backward, so the grad norm,
+      and with it the finite/skip decision, is the same everywhere;
+    - `stop.check` is the one collective of every step: SIGTERM on any rank and rank 0's clock, summed;
+    - the window, the checkpointer and the evaluator decide from the step and that shared stop
+      decision only, so their collectives (metric sums, RNG states, validation sums) line up;
+    - only writing (checkpoint files, MLflow, log lines, image grids) checks is_main.
+    """
+    config, context, position = state.config, state.context, state.position
+    binarize_inputs, global_batch = binarizes(config), config.data.batch_size * context.world_size
+    batches = training_batches(loader, state)
+    stopped_by, val_metrics = ("steps" if stop.steps_reached(position) else ""), {}
+    while not stopped_by:
+        with window.timing_wait():
+            images = next(batches)
+        x = images.to(context.device, non_blocking=True).float().div_(255.0)  # uint8 crossed the bus
+        if binarize_inputs:
+            x = binarize(x, state.generator)
+        state.set_lr(config.optim.lr * lr_factor(position.step, stop.progress(position), config))
+        beta = kl_weight(position.step, config)
+        sums, grad_norm = train_step(wrapped, state.model.likelihood, state.optimizer, state.scaler, x,
+                                     state.generator, config, precision, beta)
+        if state.apply_gradients(grad_norm):
+            window.add(sums, images.shape[0])
+        stopped_by = stop.check(position, preempted)
+        position.roll_epoch(state.num_batches)
+        if window.should_run(position.step, stopping=bool(stopped_by)):
+            metrics = window.log(position.step, {
+                "train/beta": beta, "train/lr": state.optimizer.param_groups[0]["lr"],
+                "train/grad_norm": float(grad_norm), "train/skipped_steps": position.skipped_steps,
+                "train/epoch": position.epochs(state.num_batches)})
+            if context.is_main:
+                log.info(progress_line(position.step, metrics, step_limit=stop.step_limit,
+                                       eta_s=stop.eta_s(position, metrics["train/samples_per_s"] / global_batch)))
+        if stopped_by:
+            break
+        with window.paused():
+            # Save before evaluating: bad validation data must not cost the steps since the last save.
+            if checkpoints.should_run(position.step):
+                checkpoints.save()
+            if evaluator.should_run(position.step):
+                val_metrics = evaluator.run(position.step, config.run.iwae_samples)
+    return stopped_by, val_metrics
