@@ -128,7 +128,7 @@ def _log_output():
     while current is not None:
         chain += current.handlers
         current = current.parent if current.propagate else None
-    if any(type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__) for h in chain):
+    if any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__) for h in chain):
         yield
         return
     handler, level = logging.StreamHandler(sys.stderr), logger.level
