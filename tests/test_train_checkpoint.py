@@ -86,8 +86,12 @@ def test_sigterm_saves_a_checkpoint_then_exits_143(small_shards, tmp_path):
     assert newest is not None and int(newest.name.split("-")[1]) == summary["steps"] > 0
     from train import load_model
 
+    from train.model import VAE
+
     model, state = load_model(newest), load_checkpoint(newest)
+    assert isinstance(model, VAE) and not model.training  # the model itself, not a tuple
     assert state["position"]["step"] == summary["steps"] and model.config.latent_dim == 4
+    assert not (tmp_path / "run" / "model").exists()  # a preempted run leaves no finished model
 
 
 WRITER = """

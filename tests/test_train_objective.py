@@ -160,6 +160,8 @@ def test_bf16_and_fp32_both_train_and_the_ema_differs(small_shards, tmp_path, pr
     model, state = load_model(tmp_path / "run"), load_checkpoint(tmp_path / "run")
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
     assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())  # load_model gives the EMA
+    pretrained = load_model(tmp_path / "run" / "model")  # the finished run's save_pretrained directory
+    assert all(torch.equal(v, state["ema"][k]) for k, v in pretrained.state_dict().items())
 
 
 def test_epoch_and_time_limits_and_the_non_finite_guard(small_shards, tmp_path):
