@@ -21,7 +21,7 @@ bench/results/fmnist_{ours,pythae}_{samples,recons}.png.
 
     scripts/pythae-venv.sh .venv .venv-pythae     # once: pythae beside our torch, ~15 s
     flock /tmp/vae-bench.lock .venv/bin/python bench/fmnist_quality.py [--budget-s 1800]
-    # about budget + 10 min of scoring + 5 min of codecs on 2 quiet cores
+    # about 30 min of training + 20-30 min of scoring (both at once) + 5 min of codecs on 2 quiet cores
 
 Smoke (minutes): --budget-s 20 --curve-every-s 5 --curve-images 100 --curve-k 5 --final-k 5 --test-images 200
 """
@@ -211,7 +211,7 @@ def main() -> int:
     parser.add_argument("--ours-flags", type=shlex.split, default=OURS_FLAGS,
                         help="further `python -m train` flags for ours, one string; default: OURS_FLAGS")
     parser.add_argument("--ours-checkpoint-steps", type=int, default=500)
-    parser.add_argument("--curve-every-s", type=float, default=180.0)
+    parser.add_argument("--curve-every-s", type=float, default=300.0)
     parser.add_argument("--curve-images", type=int, default=1000)
     parser.add_argument("--curve-k", type=int, default=100)
     parser.add_argument("--final-k", type=int, default=100)
