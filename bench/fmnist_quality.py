@@ -46,43 +46,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `python -m train` does, before torch loads
 
+from pinned_jobs import last_json_line, load_average, model_flags, run_all, trainer_checkpoints  # noqa: E402
+
 OURS_MODEL = {"preset": "conv", "likelihood": "discretized_logistic", "latent_dim": 32,
               "widths": [64, 128], "hidden_dim": 512}
 """Our model for this benchmark (see the report of issue 14 for the pilot runs behind the choice)."""
 OURS_FLAGS = ["--optim.lr=2e-3", "--data.batch_size=128"]
 """Optimiser flags beyond the defaults (EMA 0.999, cosine over the time budget, warm-up 100 steps)."""
 DIMS = 784
-
-
-def model_flags(fields: dict) -> list[str]:
-    return [f"--model.{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
-            for key, value in fields.items()]
-
-
-def pinned(command: list[str], core: str, threads: int) -> tuple[list[str], dict[str, str]]:
-    """The command under `taskset -c CORE` (if a core is given) and an environment with THREADS torch threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": str(REPO)}
-    return (["taskset", "-c", core, *command] if core else command), env
-
-
-def run_all(jobs: dict[str, list[str]], cores: dict[str, str], threads: int, work: Path) -> dict[str, float]:
-    """Start every job at once (pinned), wait for all; raise naming a job that failed. Returns wall seconds."""
-    started, processes = time.monotonic(), {}
-    for name, command in jobs.items():
-        command, env = pinned(command, cores.get(name, ""), threads)
-        log = open(work / f"{name}.log", "w")
-        print(f"[{name}] {shlex.join(command)}", flush=True)
-        processes[name] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log)
-    walls = {}
-    for name, (process, log) in processes.items():
-        code = process.wait()
-        log.close()
-        walls[name] = round(time.monotonic() - started, 1)
-        if code != 0:
-            tail = (work / f"{name}.log").read_text()[-3000:]
-            raise RuntimeError(f"{name} exited with {code}; the end of {work / f'{name}.log'}:\n{tail}")
-    return walls
 
 
 def training_jobs(args, shards: Path, work: Path) -> dict[str, list[str]]:
@@ -117,15 +88,12 @@ def checkpoints(system: str, run_dir: Path) -> list[tuple[float, int, Path]]:
     """(training seconds, step, path) of every checkpoint of a run, oldest first."""
     import torch
 
-    found = []
     if system == "ours":
-        for path in sorted((run_dir / "checkpoints").glob("step-*")):
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            found.append((float(state["position"]["elapsed_s"]), int(state["step"]), path))
-    else:
-        for path in sorted((run_dir / "checkpoints").glob("step-*.pt")):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            found.append((float(state["elapsed_s"]), int(state["step"]), path))
+        return trainer_checkpoints(run_dir)
+    found = []
+    for path in sorted((run_dir / "checkpoints").glob("step-*.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        found.append((float(state["elapsed_s"]), int(state["step"]), path))
     return sorted(found)
 
 
@@ -194,10 +162,6 @@ def score(args) -> int:
     return 0
 
 
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=1800.0, help="training seconds for each system")
@@ -236,16 +200,16 @@ def main() -> int:
     if not args.shards:
         subprocess.run([sys.executable, "-m", "pipeline", "shards", "--source", "fashion-mnist", "--out", str(shards),
                         "--quiet", "--force"], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    load_before = load()
+    load_before = load_average()
     train_walls = run_all(training_jobs(args, shards, work), {f"train-{s}": c for s, c in cores.items()},
                           args.threads, work)
-    load_after_training = load()
+    load_after_training = load_average()
     score_walls = run_all(scoring_jobs(args, shards, work), {f"score-{s}": c for s, c in cores.items()},
                           args.threads, work)
     scores = {s: json.loads((work / f"score-{s}.json").read_text()) for s in args.systems}
     summaries = {}
     if "ours" in args.systems:
-        summaries["ours"] = json.loads((work / "train-ours.log").read_text().strip().splitlines()[-1])
+        summaries["ours"] = last_json_line(work / "train-ours.log")
     if "pythae" in args.systems:
         summaries["pythae"] = json.loads((work / "pythae" / "summary.json").read_text())
 
@@ -262,7 +226,7 @@ def main() -> int:
         "threads": args.threads, "cores": cores, "curve_images": args.curve_images, "curve_k": args.curve_k,
         "final_k": args.final_k, "test_images": args.test_images,
         "ours_model": args.ours_model, "ours_flags": args.ours_flags,
-        "load_before": load_before, "load_after_training": load_after_training, "load_after": load(),
+        "load_before": load_before, "load_after_training": load_after_training, "load_after": load_average(),
         "train_wall_s": train_walls, "score_wall_s": score_walls, "codec_s": codec_s,
         "training": summaries, "scores": scores, "codecs_bits_per_dim": codecs,
     }
