@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from bench.loader import shard_set_rate, trainer_rate  # noqa: E402
 from pipeline.data import open_train_val  # noqa: E402
 from pipeline.index import index_shards  # noqa: E402
+from pipeline.shards import write_shards  # noqa: E402
 from pipeline.sources import load_source  # noqa: E402
 
 SHAPE = (64, 64, 3)
@@ -115,11 +116,23 @@ def main() -> int:
                                        config=build_config({"model": {"image_size": 64, "channels": 3}}))
         rows.append({"reader": f"trainer consumes (64x64x3 default model, {precision}, 1 process)",
                      "workers": "-", "samples_per_s": rate})
-        consumed = rate
+        consumed = rate  # the fastest consumer: the ratio's denominator
+        preset_rate, _ = trainer_rate(batch, args.batch_size, max(3, args.train_steps // 3),
+                                      config=build_config({"model": {"preset": "resnet-s", "image_size": 64,
+                                                                     "channels": 3}}))
+        rows.append({"reader": f"trainer consumes (64x64x3 resnet-s preset, {precision}, 1 process)",
+                     "workers": "-", "samples_per_s": preset_rate})
         for name, location in (("local disk", str(local)), ("local S3 server", "s3://bench/jpg")):
             for workers in (0, 1, 2):
                 rows.append({"reader": f"pipeline.loader, TarWriter jpg shards, indexed, {name}", "workers": workers,
                              "samples_per_s": loader_rate(location, args.batch_size, workers, args.samples)})
+        # the recommended fix where decoding limits: one `pipeline shards` pass into the block layout
+        block = Path(tmp) / "block"
+        write_shards(source, block, samples_per_shard=args.per_shard, layout="block", progress=False)
+        for workers in (0, 1, 2):
+            rows.append({"reader": "pipeline.loader, the same images in our block layout, local disk",
+                         "workers": workers, "samples_per_s": loader_rate(str(block), args.batch_size, workers,
+                                                                          args.samples)})
         rows.append({"reader": "pipeline.loader, TarWriter jpg shards, no manifest (resampled), local disk",
                      "workers": 1, "samples_per_s": loader_rate(f"{local}/{{000000..{len(list(local.glob('*.tar'))) - 1:06d}}}.tar",
                                                                 args.batch_size, 1, args.samples,
