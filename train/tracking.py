@@ -23,6 +23,7 @@ import os
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,7 +116,10 @@ def dataset_input(location: str, shards: ShardSet):
                           "num_shards": len(shards.urls), "image_shape": list(manifest.image_shape),
                           "layout": manifest.layout})
     try:
-        fields = MetaDataset(resolve_dataset_source(uri), name=manifest.source, digest=sha256[:16]).to_dict()
+        with warnings.catch_warnings():  # MLflow registers its local source twice and warns that it is ambiguous
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(uri)
+        fields = MetaDataset(source, name=manifest.source, digest=sha256[:16]).to_dict()
     except MlflowException:  # a `pipe:` command, say: no MLflow source type fits
         fields = {"name": manifest.source, "digest": sha256[:16], "source_type": "external",
                   "source": json.dumps({"uri": uri})}
