@@ -49,10 +49,19 @@ def test_server_stopped_mid_run_and_restarted_loses_nothing(small_shards, tmp_pa
     # the experiment from MLflow's own variable; MLflow's host monitor sampling every second
     env = subprocess_env(MLFLOW_EXPERIMENT_NAME="outage", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     trainer = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+
+    def host_metrics_sent() -> bool:  # MLflow's monitor publishes on its own clock, not with our metrics
+        experiment = client.get_experiment_by_name("outage")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        return bool(runs) and "system/cpu_utilization_percentage" in runs[0].data.metrics
+
     try:
         metrics_file = tmp_path / "run" / "metrics.jsonl"
         deadline = time.monotonic() + 180
-        while not (metrics_file.exists() and len(local_records(tmp_path / "run")) >= 2):
+        while not (metrics_file.exists() and len(local_records(tmp_path / "run")) >= 2 and host_metrics_sent()):
             assert trainer.poll() is None and time.monotonic() < deadline, trainer.communicate()[1][-3000:]
             time.sleep(0.2)
         stop_server(server)
@@ -69,10 +78,6 @@ def test_server_stopped_mid_run_and_restarted_loses_nothing(small_shards, tmp_pa
         assert re.search(log_line + "is back", stderr, re.MULTILINE), stderr[-3000:]
         assert len(stdout.splitlines()) == 1
         summary = json.loads(stdout.splitlines()[-1])
-
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
         runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
         assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
         run = runs[0]

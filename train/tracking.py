@@ -147,6 +147,9 @@ class MlflowTracker(NullTracker):
         # block for minutes on its own retries (its defaults: 7 retries with back-off).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # MLflow prints the run's address to stdout when the run ends; stdout carries only the JSON
+        # summary (scripts read it), so the address goes to the log when the run is created instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.tracking import MlflowClient
 
         self.config = config
@@ -248,6 +251,9 @@ class MlflowTracker(NullTracker):
         for start in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[start:start + 100])
         self.run_id = run.info.run_id
+        address = f"{self.tracking_uri}/#/experiments/{experiment_id}/runs/{self.run_id}" \
+            if self.tracking_uri.startswith("http") else f"{self.run_id} in {self.tracking_uri}"
+        log.info("MLflow run %s, experiment %s: %s", run.info.run_name, name, address)
         self._start_monitor(resume=False)
 
     def _start_monitor(self, resume: bool) -> None:
