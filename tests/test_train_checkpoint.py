@@ -255,8 +255,8 @@ def test_a_full_disk_is_reported_as_such_and_the_previous_checkpoint_stays(small
                            PYTHON=str(VENV_BIN / "python")), capture_output=True, text=True, timeout=300)
     assert "trainer exit 1" in result.stdout, (result.stdout, result.stderr[-3000:])
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error (rank 0): no space left on device writing checkpoint "
-                            f"{disk}/run/checkpoints/step-00000040"), result.stderr[-3000:]
+    assert f"[rank 0] ERROR train: no space left on device writing checkpoint {disk}/run/checkpoints/step-00000040" \
+        in error, result.stderr[-3000:]
     assert "previous checkpoints" in error and "intact" in error
     assert sorted(p.name for p in keep.iterdir()) == ["step-00000020"]  # no half-written directory left
     assert load_checkpoint(keep)["step"] == 20

@@ -1,36 +1,62 @@
-"""One typed config: defaults in code <- optional JSON file <- `--section.field=value` flags.
+"""One typed config: defaults in code <- config files (YAML or JSON) <- `--section.field value` flags.
 
-Every problem (unknown key, wrong type, bad value) is collected and raised once.
+jsonargparse reads the command line and config files over these dataclasses (a field's docstring is
+its help, a Literal field's help lists its choices); build_config then fills in the model preset and
+checks what types cannot say. Every problem (unknown key, wrong type, bad value) is collected and
+raised once, as one ConfigError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
 
 from pipeline.foreign import check_image_key, check_label_key
 from train.presets import apply_preset
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "discretized_logistic")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ARCHITECTURES = ("conv", "resnet")
-LATENT_KINDS = ("dense", "spatial")
+Likelihood = Literal["bernoulli", "gaussian", "gaussian_learned", "discretized_logistic"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Architecture = Literal["conv", "resnet"]
+LatentKind = Literal["dense", "spatial"]
+Binarization = Literal["auto", "on", "off"]
+LIKELIHOODS = typing.get_args(Likelihood)
+PRECISIONS = typing.get_args(Precision)
+ARCHITECTURES = typing.get_args(Architecture)
+LATENT_KINDS = typing.get_args(LatentKind)
+# Booleans (a YAML file's `off` is one) and the strings older configs stored, as their choice.
+BINARIZATION_ALIASES = {True: "on", False: "off", "true": "on", "1": "on", "false": "off", "0": "off"}
+
+
+class Widths(tuple):
+    """Channel widths, given as 32,64 or [32, 64] or (32, 64) on the command line, a list in a file."""
+
+    @classmethod
+    def parse(cls, value: object) -> Widths:
+        items = value.strip().strip("()[]").split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(f"expected widths such as 32,64, got {value!r}")
+        if any(isinstance(item, (bool, float)) for item in items):
+            raise ValueError(f"expected whole numbers such as 32,64, got {value!r}")
+        return cls(int(item) for item in items)
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Where the shards are and how they are read."""
+
     shards: str = "out/shards"
     """Directory or URL prefix (s3://, gs://, https://) with manifest.json, a manifest .json path, or a shard pattern."""
     batch_size: int = 128
     """Images per batch on each rank (global batch = batch_size x world size)."""
     num_workers: int = 1
     """Loader worker processes per rank (0 reads in the training process)."""
-    dynamic_binarization: str = "auto"
+    dynamic_binarization: Binarization | bool = "auto"
     """Train on x ~ Bernoulli(pixel) drawn afresh each batch, val binarised once with a fixed seed:
-    'on', 'off', or 'auto' (on for a 1-channel bernoulli model)."""
+    on, off, or auto (on for a 1-channel bernoulli model)."""
     eval_batch_size: int = 256
     """Images per evaluation batch on each rank."""
     image_key: str = "auto"
@@ -49,9 +75,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network and its likelihood p(x|z)."""
+
     preset: str = "conv"
     """Named defaults for the other model fields (conv, resnet-s, resnet-m, resnet-l; --help lists them); explicit flags win."""
-    architecture: str = "conv"
+    architecture: Architecture = "conv"
     """conv (two stride-2 convolutions, for digits) or resnet (GroupNorm residual stages, scales with size)."""
     image_size: int = 28
     """Height and width of the (square) images; conv: a multiple of 4."""
@@ -59,11 +87,11 @@ class ModelConfig:
     """Image channels: 1 (grey) or 3 (RGB)."""
     latent_dim: int = 16
     """Size of z (a spatial latent: latent_channels x s x s, worked out from the image size)."""
-    latent_kind: str = "dense"
+    latent_kind: LatentKind = "dense"
     """resnet: dense (a vector through dense layers) or spatial (C x s x s at the lowest resolution, no dense layers)."""
     latent_channels: int = 4
     """resnet with a spatial latent: its channels C."""
-    widths: tuple[int, ...] = (32, 64)
+    widths: Widths = Widths((32, 64))
     """conv: channels of the two stride-2 convolutions; resnet: channels per stage from full size down (the last repeats)."""
     hidden_dim: int = 256
     """Width of the dense layer between the convolutions and the latent."""
@@ -75,7 +103,7 @@ class ModelConfig:
     """resnet: self-attention at the lowest resolution (in encoder and decoder)."""
     lowest_resolution: int = 4
     """resnet: halve the side while it stays even and at least this (28 -> 14 -> 7, 64 -> ... -> 4)."""
-    likelihood: str = "bernoulli"
+    likelihood: Likelihood = "bernoulli"
     """p(x|z): bernoulli, gaussian (fixed sigma), gaussian_learned, discretized_logistic (8-bit)."""
     gaussian_sigma: float = 0.1
     """Standard deviation of the fixed-variance Gaussian likelihood (pixels in [0, 1])."""
@@ -83,6 +111,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """AdamW, its schedule, the KL weight and the EMA of the weights."""
+
     lr: float = 2e-3
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -105,6 +135,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """Limits, cadence, precision, tracking and logs."""
+
     out_dir: str = "out/run"
     """Where checkpoints go (a directory per step under checkpoints/), plus metrics.jsonl."""
     max_steps: int = 2000
@@ -127,7 +159,7 @@ class RunConfig:
     """Importance samples K for the IWAE NLL at the final evaluation (0: skip)."""
     iwae_chunk: int = 50
     """Importance samples decoded per pass (memory bound: chunk x eval_batch_size decodes)."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """'auto' (bf16 where native), 'bf16', 'fp16' (CUDA only, with GradScaler) or 'fp32'."""
     compile: bool = False
     """Wrap the model in torch.compile."""
@@ -137,18 +169,24 @@ class RunConfig:
     """Seed for weights, noise and data order."""
     tracking_uri: str = ""
     """MLflow tracking URI ('' means $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/../mlflow.db)."""
-    experiment: str = "vae-pipeline"
-    """MLflow experiment name."""
+    experiment: str = ""
+    """MLflow experiment name ('' means $MLFLOW_EXPERIMENT_NAME, else vae-pipeline)."""
     run_name: str = ""
     """MLflow run name ('' derives a readable one from the config)."""
     system_metrics: bool = True
-    """Log system/ metrics (CPU, memory, GPU memory) with the training metrics."""
+    """MLflow's system/ metrics (CPU, memory, disk, network; GPU utilisation and memory with nvidia-ml-py)
+    every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10), and process/ metrics (this process's
+    memory, PyTorch's GPU memory) with the training metrics."""
     tracking_flush_timeout_s: float = 60.0
     """At the end, wait this long for an unreachable tracking server before saving unsent metrics to disk."""
+    log_all_ranks: bool = False
+    """Log progress from every rank (default: rank 0 only; other ranks log warnings and errors)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything one training job needs."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -160,11 +198,16 @@ class ConfigError(ValueError):
 
 
 def _coerce(value, annotation, where: str, problems: list[str]):
+    """`value` as `annotation` says (values from a dict: a checkpoint's config, a test's overrides)."""
     kind = typing.get_origin(annotation) or annotation
+    if kind is Literal:
+        if value in typing.get_args(annotation):
+            return value
+        problems.append(f"{where}: expected one of {', '.join(typing.get_args(annotation))}, got {value!r}")
+        return None
     try:
-        if kind is tuple:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(int(item) for item in items)
+        if kind is Widths:
+            return Widths.parse(value)
         if kind is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0"):
@@ -181,22 +224,16 @@ def _coerce(value, annotation, where: str, problems: list[str]):
         return None
 
 
-BINARIZATION_CHOICES = ("auto", "on", "off", "true", "false", "1", "0")
-
-
 def binarizes(config: TrainConfig) -> bool:
     """Whether training binarises inputs dynamically (and evaluation binarises once, seeded)."""
-    choice = str(config.data.dynamic_binarization).lower()
-    if choice == "auto":
+    if config.data.dynamic_binarization == "auto":
         return config.model.likelihood == "bernoulli" and config.model.channels == 1
-    return choice in ("on", "true", "1")
+    return config.data.dynamic_binarization == "on"
 
 
 def _validate(config: TrainConfig) -> list[str]:
     problems = []
     model, data, run, optim = config.model, config.data, config.run, config.optim
-    if model.architecture not in ARCHITECTURES:
-        problems.append(f"model.architecture: expected one of {', '.join(ARCHITECTURES)}, got {model.architecture!r}")
     if model.architecture == "conv" and (model.image_size % 4 or model.image_size < 4):
         problems.append(f"model.image_size: must be a positive multiple of 4 for the conv architecture, "
                         f"got {model.image_size}")
@@ -204,15 +241,11 @@ def _validate(config: TrainConfig) -> list[str]:
         problems.append(f"model.image_size: must be >= 1, got {model.image_size}")
     if model.channels not in (1, 3):
         problems.append(f"model.channels: must be 1 or 3, got {model.channels}")
-    if model.likelihood not in LIKELIHOODS:
-        problems.append(f"model.likelihood: expected one of {', '.join(LIKELIHOODS)}, got {model.likelihood!r}")
     if model.architecture == "conv" and (len(model.widths) != 2 or min(model.widths, default=0) < 1):
         problems.append(f"model.widths: expected two positive widths for the conv architecture, got {model.widths}")
     if model.architecture == "resnet" and (not model.widths or min(model.widths) < 1):
         problems.append(f"model.widths: expected one or more positive widths, got {model.widths}")
-    if model.latent_kind not in LATENT_KINDS:
-        problems.append(f"model.latent_kind: expected one of {', '.join(LATENT_KINDS)}, got {model.latent_kind!r}")
-    elif model.latent_kind == "spatial" and model.architecture != "resnet":
+    if model.latent_kind == "spatial" and model.architecture != "resnet":
         problems.append(f"model.latent_kind: spatial needs model.architecture=resnet, got {model.architecture!r}")
     if model.gaussian_sigma <= 0:
         problems.append(f"model.gaussian_sigma: must be > 0, got {model.gaussian_sigma}")
@@ -226,9 +259,7 @@ def _validate(config: TrainConfig) -> list[str]:
                         f"got {data.max_bad_samples}, {data.max_bad_fraction}")
     if data.samples_per_epoch < 0:
         problems.append(f"data.samples_per_epoch: must be >= 0, got {data.samples_per_epoch}")
-    if str(data.dynamic_binarization).lower() not in BINARIZATION_CHOICES:
-        problems.append(f"data.dynamic_binarization: expected auto, on or off, got {data.dynamic_binarization!r}")
-    elif binarizes(config) and model.likelihood != "bernoulli":
+    if binarizes(config) and model.likelihood != "bernoulli":
         problems.append(f"data.dynamic_binarization: needs model.likelihood=bernoulli, got {model.likelihood!r}")
     for name, value in (("model.latent_dim", model.latent_dim), ("model.hidden_dim", model.hidden_dim),
                         ("model.lowest_resolution", model.lowest_resolution),
@@ -254,8 +285,6 @@ def _validate(config: TrainConfig) -> list[str]:
         problems.append("run.max_steps, run.max_epochs, run.max_time_s: give at least one limit (all are 0)")
     if run.keep_checkpoints < 2:
         problems.append(f"run.keep_checkpoints: must be >= 2, got {run.keep_checkpoints}")
-    if run.precision not in PRECISIONS:
-        problems.append(f"run.precision: expected one of {', '.join(PRECISIONS)}, got {run.precision!r}")
     if optim.lr <= 0:
         problems.append(f"optim.lr: must be > 0, got {optim.lr}")
     if not 0 <= optim.ema_decay < 1:
@@ -322,7 +351,11 @@ def build_config(overrides: dict[str, dict[str, object]] | None = None) -> Train
             if key not in known:
                 problems.append(f"{section.name}.{key}: unknown field; expected one of {sorted(known)}")
                 continue
-            coerced = _coerce(value, hints[key], f"{section.name}.{key}", problems)
+            hint = hints[key]
+            if (section.name, key) == ("data", "dynamic_binarization"):  # a boolean names a choice: on/off
+                value, hint = BINARIZATION_ALIASES.get(value if isinstance(value, bool) else str(value).lower(),
+                                                       value), Binarization
+            coerced = _coerce(value, hint, f"{section.name}.{key}", problems)
             if coerced is not None:
                 values[key] = coerced
         sections[section.name] = section_type(**values)
@@ -338,27 +371,154 @@ def build_config(overrides: dict[str, dict[str, object]] | None = None) -> Train
     return config
 
 
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+USAGE = "torchrun --standalone --nproc_per_node=N -m train [--config FILE] [--section.field VALUE ...]"
+
+
+def parse_command_line(argv: list[str], description: str = "") -> tuple[TrainConfig, bool]:
+    """(config, whether --print_config was given) from `[--config FILE] [--section.field VALUE ...]`.
+
+    Files (YAML or JSON, `{section: {field: value}}`) apply in order and flags after them win.
+    Raises ConfigError listing every problem; --help prints the help and exits.
+    """
+    from jsonargparse import ArgumentError
+
+    parser = _parser(description)
+    try:
+        given = parser.parse_args(argv, defaults=False).as_dict()
+    except ArgumentError:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(_every_problem(parser, argv))) from None
+    return build_config(_sections(given)), bool(given.get("print_config"))
+
+
+def _sections(given: dict) -> dict:
+    """The config sections of what the parser read (not --config or --print_config)."""
+    return {name: values for name, values in given.items() if name in SECTIONS}
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
-    """`[--config FILE.json] [--section.field=value ...]` to a validated TrainConfig."""
-    overrides: dict[str, dict[str, object]] = {}
+    """A validated TrainConfig from command-line arguments (see parse_command_line)."""
+    return parse_command_line(argv)[0]
+
+
+def config_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML: what --print_config prints and --config reads back."""
+    import yaml
+
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
+
+
+def _every_problem(parser, argv: list[str]) -> list[str]:
+    """The parser stops at the first problem: parse each argument alone (a flag with its value, each
+    key of a config file), then check the arguments that parsed together."""
+    from jsonargparse import ArgumentError
+
+    problems, parsed = [], []
+    for unit in _arguments(argv):
+        flag, _, path = unit[0].partition("=")
+        if flag == "--config" and (path or len(unit) > 1):
+            path = path or unit[1]
+            found = [f"config file {path}: {problem}" for problem in _file_problems(parser, path)]
+        else:
+            try:
+                parser.parse_args(unit, defaults=False)
+                found = []
+            except ArgumentError as error:
+                found = [f"{' '.join(unit)}: {_one_line(error)}"]
+        problems += found
+        parsed += [] if found else unit
+    try:
+        build_config(_sections(parser.parse_args(parsed, defaults=False).as_dict()))
+    except ArgumentError as error:
+        problems.append(_one_line(error))
+    except ConfigError as error:
+        problems += [line.strip() for line in str(error).splitlines()[1:]]
+    return problems
+
+
+def _arguments(argv: list[str]) -> list[list[str]]:
+    """argv split into arguments: each `--flag` with the value after it (`--data.batch_size 64`)."""
+    units: list[list[str]] = []
+    for arg in argv:
+        takes_value = bool(units) and units[-1][0].startswith("--") and "=" not in units[-1][0] \
+            and len(units[-1]) == 1
+        if takes_value and not arg.startswith("--"):
+            units[-1].append(arg)
+        else:
+            units.append([arg])
+    return units
+
+
+def _file_problems(parser, path: str) -> list[str]:
+    """A config file's problems: unreadable, not YAML, or each `section: {field: value}` that fails."""
+    from jsonargparse import ArgumentError
+    import yaml
+
+    try:
+        with open(path) as file:
+            content = yaml.safe_load(file)
+    except (OSError, yaml.YAMLError) as error:
+        return [_one_line(error)]
+    if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
+        return [f"expected {{section: {{field: value}}}}, got {_one_line(content)[:200]!r}"]
     problems = []
-    args = list(argv)
-    if "--config" in args:
-        index = args.index("--config")
-        path = Path(args[index + 1])
-        for section, values in json.loads(path.read_text()).items():
-            overrides.setdefault(section, {}).update(values)
-        del args[index : index + 2]
-    for arg in args:
-        name, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep or "." not in name:
-            problems.append(f"{arg!r}: expected --section.field=value")
-            continue
-        section, key = name.split(".", 1)
-        overrides.setdefault(section, {})[key] = value
-    if problems:
-        raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
-    return build_config(overrides)
+    for section, values in content.items():
+        for key, value in values.items():
+            try:
+                parser.parse_object({section: {key: value}}, defaults=False)
+            except ArgumentError as error:
+                problems.append(_one_line(error))
+    return problems
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+@functools.cache
+def _parser(description: str):
+    """The jsonargparse parser over TrainConfig: --help shows each field's docstring and default."""
+    import jsonargparse
+
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    jsonargparse.typing.register_type(Widths, serializer=list, deserializer=Widths.parse)
+    parser = jsonargparse.ArgumentParser(prog="python -m train", usage=USAGE, description=description,
+                                         formatter_class=_help_formatter(), exit_on_error=False,
+                                         print_config=None)
+    parser.add_argument("--config", action=jsonargparse.ActionConfigFile, metavar="FILE",
+                        help="A YAML or JSON file {section: {field: value}}; later files and flags override it.")
+    parser.add_argument("--print_config", action="store_true",
+                        help="Print the resolved config as YAML (a file --config reads back) and exit.")
+    parser.add_class_arguments(TrainConfig)
+    for action in parser._actions:  # jsonargparse adds `--SECTION FILE` for each section's own file
+        if action.dest in SECTIONS:
+            action.metavar = "FILE"
+            action.help = f"A YAML or JSON file with {action.dest} fields only ({{field: value}})."
+    return parser
+
+
+def _help_formatter():
+    """Help that shows each flag as `--section.field=DEFAULT` (a value the parser accepts) and keeps
+    the description's own line breaks (the preset table)."""
+    import argparse
+
+    from jsonargparse import DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action) -> str:  # our text alone: the flag shows the default
+            if action.dest == "help":
+                return super()._get_help_string(action)
+            return (action.help or "").replace("%", "%%")
+
+        def _format_action_invocation(self, action) -> str:
+            if "." not in action.dest or not action.option_strings or action.nargs == 0:
+                return super()._format_action_invocation(action)
+            default = action.default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            shown = str(shown).lower() if isinstance(shown, bool) else shown
+            return f"{action.option_strings[0]}={shown}"
+
+    return HelpFormatter
 
 
 def config_to_dict(config: TrainConfig) -> dict:
@@ -375,24 +535,3 @@ def flat_params(config: TrainConfig) -> dict[str, str]:
     """`section.field` -> value strings, the form MLflow params take."""
     return {f"{section}.{key}": str(value)
             for section, values in config_to_dict(config).items() for key, value in values.items()}
-
-
-def help_text() -> str:
-    """Every field with its default and docstring, for --help."""
-    import inspect
-
-    lines = ["Config flags (--section.field=value), defaults shown:"]
-    for section in dataclasses.fields(TrainConfig):
-        section_type = section.default_factory
-        source = inspect.getsource(section_type)
-        instance = section_type()
-        for f in dataclasses.fields(section_type):
-            doc = ""
-            marker = f"    {f.name}:"
-            if marker in source:
-                after = source.split(marker, 1)[1].split("\n", 2)
-                if len(after) > 1 and '"""' in after[1]:
-                    doc = after[1].strip().strip('"')
-            flag = f"--{section.name}.{f.name}={getattr(instance, f.name)}"
-            lines.append(f"  {flag:<40} {doc}")
-    return "\n".join(lines)

@@ -7,25 +7,38 @@ the server is back it sends the backlog. At the end `close` waits up to
 run.tracking_flush_timeout_s, then writes whatever is still unsent to <out_dir>/mlflow-unsent.jsonl,
 which the next start of the same job (same out_dir) sends first. Every metric is also appended to
 <out_dir>/metrics.jsonl as it is logged: the local record that does not depend on any server.
+
+Host metrics (system/: CPU, memory, disk, network, GPU utilisation) come from MLflow's own monitor,
+on its own clock; process/ metrics (this process's memory and PyTorch's allocator, which MLflow's
+monitor does not see) travel with the training metrics. The training shards are the run's input.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
+import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from train.config import TrainConfig, flat_params
 
+if TYPE_CHECKING:
+    from pipeline.loader import ShardSet
+
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
+RUN_NOTE = ("Compare runs on train/neg_elbo, val/neg_elbo and val/nll first (nats per image, lower is better); "
+            "train/samples_per_s for speed. system/ is MLflow's host monitor, process/ this trainer's memory.")
 UNSENT_FILE = "mlflow-unsent.jsonl"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 # Errors that retrying cannot fix (the request itself is wrong): drop the operation, say so.
@@ -40,6 +53,11 @@ def default_tracking_uri(config: TrainConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(config.run.out_dir).resolve().parent / 'mlflow.db'}"
+
+
+def experiment_name(config: TrainConfig) -> str:
+    """config -> $MLFLOW_EXPERIMENT_NAME -> vae-pipeline."""
+    return config.run.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "vae-pipeline"
 
 
 def git_commit() -> str:
@@ -69,20 +87,43 @@ def readable_run_name(config: TrainConfig, world_size: int, precision: str) -> s
 
 
 def system_metrics(device) -> dict[str, float]:
-    """system/ metrics: host CPU and memory use, this process's memory, GPU memory when present."""
+    """process/ metrics, which MLflow's system monitor (whole host, whole GPU) does not log: this
+    process's resident memory and, on CUDA, the memory PyTorch's allocator holds and caches."""
     import psutil
 
-    memory = psutil.virtual_memory()
-    metrics = {"system/cpu_percent": psutil.cpu_percent(interval=None),
-               "system/memory_percent": memory.percent,
-               "system/memory_used_gb": (memory.total - memory.available) / 2**30,
-               "system/process_rss_gb": psutil.Process().memory_info().rss / 2**30}
+    metrics = {"process/rss_gb": psutil.Process().memory_info().rss / 2**30}
     if getattr(device, "type", "cpu") == "cuda":
         import torch
 
-        metrics["system/gpu_memory_allocated_gb"] = torch.cuda.memory_allocated(device) / 2**30
-        metrics["system/gpu_memory_reserved_gb"] = torch.cuda.memory_reserved(device) / 2**30
+        metrics["process/gpu_memory_allocated_gb"] = torch.cuda.memory_allocated(device) / 2**30
+        metrics["process/gpu_memory_reserved_gb"] = torch.cuda.memory_reserved(device) / 2**30
     return metrics
+
+
+def dataset_input(location: str, shards: ShardSet):
+    """The training shards as an MLflow dataset input: named by the manifest's source, found at
+    `location`, with the sha256 of the manifest (which holds every shard's sha256) as digest."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    manifest = shards.manifest
+    sha256 = hashlib.sha256(manifest.to_json().encode()).hexdigest()
+    uri = location if "://" in location or location.startswith("pipe:") else str(Path(location).resolve())
+    profile = json.dumps({"manifest_sha256": sha256, "num_samples": shards.num_samples,
+                          "num_shards": len(shards.urls), "image_shape": list(manifest.image_shape),
+                          "layout": manifest.layout})
+    try:
+        with warnings.catch_warnings():  # MLflow registers its local source twice and warns that it is ambiguous
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(uri)
+        fields = MetaDataset(source, name=manifest.source, digest=sha256[:16]).to_dict()
+    except MlflowException:  # a `pipe:` command, say: no MLflow source type fits
+        fields = {"name": manifest.source, "digest": sha256[:16], "source_type": "external",
+                  "source": json.dumps({"uri": uri})}
+    return DatasetInput(Dataset(**fields, profile=profile), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
 
 
 class NullTracker:
@@ -101,11 +142,14 @@ class MlflowTracker(NullTracker):
     """One MLflow run per job; a resumed job passes `run_id` and continues the same run."""
 
     def __init__(self, config: TrainConfig, tags: dict[str, str], run_id: str | None = None,
-                 run_name: str | None = None, retry_max_s: float = 10.0) -> None:
+                 run_name: str | None = None, retry_max_s: float = 10.0, dataset: ShardSet | None = None) -> None:
         # Fail fast inside the sender thread and retry there, rather than let the REST client
         # block for minutes on its own retries (its defaults: 7 retries with back-off).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # MLflow prints the run's address to stdout when the run ends; stdout carries only the JSON
+        # summary (scripts read it), so the address goes to the log when the run is created instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.tracking import MlflowClient
 
         self.config = config
@@ -116,15 +160,19 @@ class MlflowTracker(NullTracker):
         self.run_id = run_id
         self._resumed = run_id is not None
         self._run_name = run_name or config.run.run_name or None
-        self._tags = {**tags, "git_commit": git_commit()}
+        self._tags = {**tags, "git_commit": git_commit(), "mlflow.note.content": RUN_NOTE}
         self._ops: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
         self._healthy = True
         self._retry_max_s = retry_max_s
         self.num_failures = 0
+        self._monitor = None  # MLflow's system metrics monitor, once the run exists
+        self._monitor_stopped = False
         self._metrics_file = open(self.out_dir / METRICS_FILE, "a", buffering=1)
         self._load_unsent()
+        if dataset is not None:
+            self._ops.append(("inputs", dataset_input(config.data.shards, dataset)))
         try:  # create the run now if the server is there, so its id goes into the first checkpoint
             self._ensure_run()
         except Exception as error:  # noqa: BLE001 - any failure here is retried by the sender
@@ -160,6 +208,10 @@ class MlflowTracker(NullTracker):
 
     def close(self, status: str = "FINISHED") -> None:
         """Send the backlog (waiting up to tracking_flush_timeout_s), mark the run, save leftovers."""
+        with self._cond:
+            monitor, self._monitor, self._monitor_stopped = self._monitor, None, True
+        if monitor is not None:
+            monitor.finish()  # sends its last sample while the run is still RUNNING
         self._enqueue(("status", status))
         sent = self.flush(self.config.run.tracking_flush_timeout_s)
         with self._cond:
@@ -180,16 +232,18 @@ class MlflowTracker(NullTracker):
         if self.run_id is not None:
             if self._resumed:
                 self.client.update_run(self.run_id, status="RUNNING")
+                self._start_monitor(resume=True)
                 self._resumed = False
             return
         from mlflow.entities import Param
 
-        experiment = self.client.get_experiment_by_name(self.config.run.experiment)
+        name = experiment_name(self.config)
+        experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             artifacts = None
             if self.tracking_uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in cwd
                 artifacts = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-            experiment_id = self.client.create_experiment(self.config.run.experiment, artifact_location=artifacts)
+            experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
         run = self.client.create_run(experiment_id, run_name=self._run_name, tags=self._tags)
@@ -197,6 +251,33 @@ class MlflowTracker(NullTracker):
         for start in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[start:start + 100])
         self.run_id = run.info.run_id
+        address = f"{self.tracking_uri}/#/experiments/{experiment_id}/runs/{self.run_id}" \
+            if self.tracking_uri.startswith("http") else f"{self.run_id} in {self.tracking_uri}"
+        log.info("MLflow run %s, experiment %s: %s", run.info.run_name, name, address)
+        self._start_monitor(resume=False)
+
+    def _start_monitor(self, resume: bool) -> None:
+        """(Re)start MLflow's system metrics monitor on this run (never raises): it stops for good
+        when a request fails, so the sender starts it again once the server is back."""
+        if not self.config.run.system_metrics or self._monitor_stopped:
+            return
+        # The class behind mlflow.start_run(log_system_metrics=True), which needs the fluent active run.
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        with self._cond:
+            previous, self._monitor = self._monitor, None
+        if previous is not None:
+            previous.finish()
+        try:
+            monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri, resume_logging=resume)
+        except Exception as error:  # noqa: BLE001 - host metrics must never stop tracking; retried when back
+            log.warning("MLflow system metrics not started: %s", error)
+            return
+        with self._cond:
+            if self._monitor_stopped:  # close() came first
+                return
+            self._monitor = monitor
+        monitor.start()
 
     def _send(self, op: tuple) -> int:
         """Send the op at the head of the queue (and the metric ops after it); return how many."""
@@ -222,7 +303,9 @@ class MlflowTracker(NullTracker):
             if Path(path).exists():
                 self.client.log_artifacts(self.run_id, path, artifact_path)
             else:
-                warnings.warn(f"MLflow: {path} no longer exists; artifact {artifact_path} not logged", stacklevel=1)
+                log.warning("MLflow: %s no longer exists; artifact %s not logged", path, artifact_path)
+        elif kind == "inputs":
+            self.client.log_inputs(self.run_id, datasets=[op[1]])
         elif kind == "status":
             self.client.set_terminated(self.run_id, status=op[1])
         return 1
@@ -241,7 +324,7 @@ class MlflowTracker(NullTracker):
                 sent = self._send(head)
             except Exception as error:  # noqa: BLE001 - the server's failures must never reach training
                 if getattr(error, "error_code", None) in CLIENT_ERROR_CODES and self.run_id is not None:
-                    warnings.warn(f"MLflow rejected {head[0]} ({error}); dropped it", stacklevel=1)
+                    log.warning("MLflow rejected %s (%s); dropped it", head[0], error)
                     sent = 1
                 else:
                     self._report_failure(error)
@@ -257,19 +340,18 @@ class MlflowTracker(NullTracker):
                 backlog = len(self._ops)
                 self._cond.notify_all()
             if not self._healthy:
-                print(f"MLflow tracking at {self.tracking_uri} is back; sending the backlog "
-                      f"({backlog} operations left)", file=sys.stderr, flush=True)
+                log.warning("MLflow tracking at %s is back; sending the backlog (%d operations left)",
+                            self.tracking_uri, backlog)
                 self._healthy = True
+                self._start_monitor(resume=True)
             delay = 0.5
 
     def _report_failure(self, error: Exception) -> None:
         self.num_failures += 1
         if self._healthy:
             first_line = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-            warnings.warn(f"MLflow tracking at {self.tracking_uri} unreachable ({first_line}); training "
-                          "continues and the metrics are kept to send when it is back", stacklevel=1)
-            print(f"warning: MLflow tracking at {self.tracking_uri} unreachable; buffering",
-                  file=sys.stderr, flush=True)
+            log.warning("MLflow tracking at %s unreachable (%s); training continues and the metrics are "
+                        "kept to send when it is back", self.tracking_uri, first_line)
         self._healthy = False
 
     # -- leftovers across restarts --------------------------------------------------------------
@@ -281,9 +363,9 @@ class MlflowTracker(NullTracker):
             for _, step, timestamp, values in metrics:
                 file.write(json.dumps({"run_id": self.run_id, "step": step, "timestamp": timestamp,
                                        "metrics": values}) + "\n")
-        warnings.warn(f"MLflow tracking at {self.tracking_uri} still unreachable: {len(metrics)} metric "
-                      f"batches saved to {path} (sent by the next start of this job); {dropped} image/"
-                      "artifact/status operations not sent", stacklevel=2)
+        log.warning("MLflow tracking at %s still unreachable: %d metric batches saved to %s (sent by the next "
+                    "start of this job); %d image/artifact/input/status operations not sent",
+                    self.tracking_uri, len(metrics), path, dropped)
 
     def _load_unsent(self) -> None:
         path = self.out_dir / UNSENT_FILE
@@ -296,7 +378,8 @@ class MlflowTracker(NullTracker):
         path.unlink()
 
 
-def make_tracker(config: TrainConfig, is_main: bool, tags: dict[str, str],
-                 run_id: str | None = None, run_name: str | None = None) -> NullTracker:
-    """An MlflowTracker on rank 0, a NullTracker elsewhere."""
-    return MlflowTracker(config, tags, run_id, run_name) if is_main else NullTracker()
+def make_tracker(config: TrainConfig, is_main: bool, tags: dict[str, str], run_id: str | None = None,
+                 run_name: str | None = None, dataset: ShardSet | None = None) -> NullTracker:
+    """An MlflowTracker on rank 0 (`dataset`: the training shards, logged as the run's input), a
+    NullTracker elsewhere."""
+    return MlflowTracker(config, tags, run_id, run_name, dataset=dataset) if is_main else NullTracker()

@@ -175,7 +175,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     tags = {"world_size": str(context.world_size), "backend": context.backend, "precision": precision,
             "device": str(context.device), "torch": torch.__version__, "likelihood": config.model.likelihood}
     tracker = make_tracker(config, context.is_main, tags, run_id,
-                           readable_run_name(config, context.world_size, precision))
+                           readable_run_name(config, context.world_size, precision), dataset=train_shards)
     error_budget = ErrorBudget(config.data.max_bad_samples, config.data.max_bad_fraction)  # training and evaluation
     loader = make_train_loader(train_shards, batch_size=config.data.batch_size, rank=context.rank,
                                world_size=context.world_size, seed=config.run.seed,
