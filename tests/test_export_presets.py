@@ -173,7 +173,8 @@ def test_serve_runtime_matches_pytorch_for_every_preset(exported_preset, variant
 def test_a_trained_preset_through_trainer_export_cli_registry_and_serve(small_shards, tmp_path, real_digits):
     """resnet-s trained by the real trainer on digits, then the same commands a user runs."""
     from export.__main__ import main as export_main
-    from export.registry import register_export, resolve_model_dir
+    from export.model_uri import resolve_model_dir
+    from export.registry import register_export
     from serve.runtime import RuntimeOptions, VAERuntime
     from train import load_model
     from train.distributed import DistContext
