@@ -118,17 +118,18 @@ class Service:
 
     def start(self) -> None:
         runtime = self.runtime
-        self.encoder = self._batcher("encoder", lambda x: runtime.encoder.run(x, ["mean", "logvar"], runtime.batch_size,
-                                                                             check=False))
-        self.decoder = self._batcher("decoder", lambda z: runtime.decoder.run(z, ["params", "image"], runtime.batch_size,
-                                                                             check=False))
+        self.encoder = self._batcher("encoder", lambda x: runtime.encoder.run(x, ["mean", "logvar"],
+                                                                             runtime.batch_size, check=False))
+        self.decoder = self._batcher("decoder", lambda z: runtime.decoder.run(z, ["params", "image"],
+                                                                             runtime.batch_size, check=False))
         self.encoder.start()
         self.decoder.start()
 
     def _batcher(self, graph: str, run_batch: Callable[[np.ndarray], list[np.ndarray]]) -> DynamicBatcher:
         # outputs are checked per request (serve.ops): a NaN for one input fails only its own request
         return DynamicBatcher(graph, run_batch, self.options.batching, self.executor,
-                              on_batch=self.batch_rows.labels(graph).observe, on_depth=self.queue_depth.labels(graph).set)
+                              on_batch=self.batch_rows.labels(graph).observe,
+                              on_depth=self.queue_depth.labels(graph).set)
 
     async def warm_up(self) -> None:
         """One small and one full batch through each graph (first calls allocate and optimise), outputs checked:
@@ -450,7 +451,8 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
     app.add_api_route("/readyz", readyz, tags=["probes"],
                       summary="the model answers correctly (loaded, self-checked, warmed up)",
                       responses={503: {"model": StatusResponse, "description": "not ready: warming up, or why not"}})
-    app.add_api_route("/metrics", metrics, tags=["probes"], response_class=PlainTextResponse, summary="Prometheus metrics",
+    app.add_api_route("/metrics", metrics, tags=["probes"], response_class=PlainTextResponse,
+                      summary="Prometheus metrics",
                       responses={401: {"description": ERRORS[401]["description"], "content": {"application/json": {
                           "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}},
                           200: {"content": {"text/plain": {"schema": {"type": "string"}}},

@@ -34,7 +34,7 @@ class BodyLimit:
     JSON bodies past `json_limits` (depth, arrays, values; serve.json_limits) before anything parses them.
 
     A refusal while the body streams raises HTTPException from `receive`, inside the route, which answers it as
-    JSON before any response has started. An HTTPException, not our BadInput: FastAPI turns any other error
+    JSON before any response has started. An HTTPException, not serve.ops.InvalidInput: FastAPI turns any other error
     raised while it parses a body model into a 400 "error parsing the body".
     """
 

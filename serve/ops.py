@@ -21,7 +21,7 @@ from typing import Any, Callable, Coroutine, Protocol
 import numpy as np
 
 from export.model_card import ModelCard
-from serve.likelihoods import pixel_negative_log_likelihood
+from serve.likelihoods import negative_log_likelihood, pixel_negative_log_likelihood
 from serve.runtime import NonFiniteOutput, VAERuntime, check_outputs
 
 # The same clamp train applies to the posterior's log-variance (train.model.LOGVAR_MIN/MAX).
@@ -247,6 +247,13 @@ async def decode(device: Device, z: np.ndarray, limits: Limits = UNLIMITED) -> n
     return images
 
 
+async def decode_params(device: Device, z: np.ndarray, limits: Limits = UNLIMITED) -> np.ndarray:
+    """Latents (B, latent) -> the likelihood parameters of p(x|z) (layouts in serve.likelihoods)."""
+    limits.check_count(len(z), "latents")
+    params, _ = await _decode(device, check_latents(device.card, z))
+    return params
+
+
 async def encode(device: Device, x: np.ndarray, limits: Limits = UNLIMITED) -> Posterior:
     """Images (B, C, H, W) in [0, 1] -> q(z|x)."""
     limits.check_count(len(x), "images")
@@ -337,6 +344,8 @@ def score_noise(num_images: int, num_samples: int, latent_dim: int, seed: int) -
 
 def bound_from_parts(nll: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray, method: str) -> np.ndarray:
     """Negative ELBO or IWAE bound per image (B,) from -log p(x|z_k) (K, B), the posterior and its noise eps."""
+    if method not in SCORE_METHODS:
+        raise InvalidInput(f"method must be one of {SCORE_METHODS}, got {method!r}")
     mean, logvar, eps = mean.astype(np.float64), logvar.astype(np.float64), eps.astype(np.float64)
     if method == "elbo":
         kl = 0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1.0 - logvar, axis=1)  # analytic, (B,)
@@ -347,6 +356,15 @@ def bound_from_parts(nll: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps:
     log_weights = -nll + log_prior - log_posterior  # (K, B)
     top = log_weights.max(axis=0)
     return _finite_scores(-(top + np.log(np.mean(np.exp(log_weights - top), axis=0))))
+
+
+def score_from_parts(x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray, params: np.ndarray,
+                     method: str, likelihood: str, likelihood_params: dict) -> np.ndarray:
+    """`bound_from_parts` from the decoder's params for z_k (K*B, ...) rather than from -log p(x|z_k)."""
+    num_samples, num_images = eps.shape[:2]
+    x_repeated = np.broadcast_to(x[None], (num_samples, *x.shape)).reshape(-1, *x.shape[1:])
+    nll = negative_log_likelihood(likelihood, params, x_repeated, likelihood_params).reshape(num_samples, num_images)
+    return bound_from_parts(nll, mean, logvar, eps, method)
 
 
 def _finite_scores(scores: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import signal
@@ -183,6 +184,30 @@ def test_encode_reconstruct_score_take_json_and_png(server, runtime, digits):
     np.testing.assert_allclose(corrected["scores"], Direct(runtime).run(ops.score, x, 8, "elbo", 5, complexity="png").scores,
                                rtol=1e-4)
     assert corrected["complexity"] == "png"
+    # pixel maps: base64 heat-map PNGs, or the values, the same the command line computes
+    expected = Direct(runtime).run(ops.score, x, 2, "elbo", 1, maps=True).maps
+    as_png = post(server, "/v1/score?num_samples=2&seed=1&maps=png", json={"images": x.tolist()}).json()["maps"]
+    as_json = post(server, "/v1/score?num_samples=2&seed=1&maps=json", json={"images": x.tolist()}).json()["maps"]
+    assert len(as_png) == len(as_json) == len(x)
+    for png_map, json_map, values in zip(as_png, as_json, expected):
+        heat = Image.open(io.BytesIO(base64.b64decode(png_map["png"])))
+        assert heat.size == (28, 28) and heat.mode == "RGB"
+        np.testing.assert_allclose(json_map["nats"], values, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose([png_map["sum_nats"], png_map["max_nats"]], [values.sum(), values.max()], rtol=1e-4)
+    assert "maps" not in corrected
+
+
+def test_one_limit_refuses_alike_over_http_and_on_the_command_line(server, exported_model, small_shards, tmp_path,
+                                                                   capsys):
+    """The latent magnitude limit lives in serve.ops: /v1/decode and `serve traverse` refuse with the same words."""
+    from serve.__main__ import main
+
+    response = post(server, "/v1/decode", json={"z": [[2e4] + [0.0] * 15]})
+    assert response.status_code == 422
+    assert main(["traverse", "--model", str(exported_model), "--input", str(small_shards), "--range", "-20000",
+                 "20000", "--out", str(tmp_path / "t.png")]) == 1
+    assert response.json()["detail"] in capsys.readouterr().err
+    assert response.json()["detail"] == "z: values must lie within +-10000, got 2e+04"
 
 
 def test_interpolation_decodes_real_digits_to_valid_images(server, runtime, digits):

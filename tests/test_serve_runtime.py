@@ -124,7 +124,8 @@ def test_score_matches_pytorch_elbo_and_iwae(runtime, trained_run, real_x):
     np.testing.assert_allclose(direct.run(ops.score, real_x, num_samples, "iwae", seed).scores, iwae_score.numpy(),
                                rtol=2e-4)
     # the importance-weighted bound is the tighter one
-    assert direct.run(ops.score, real_x, 64, "iwae", 0).scores.mean() < direct.run(ops.score, real_x, 64, "elbo", 0).scores.mean()
+    iwae, elbo = (direct.run(ops.score, real_x, 64, method, 0).scores for method in ("iwae", "elbo"))
+    assert iwae.mean() < elbo.mean()
 
 
 def test_seeded_runs_are_reproducible_and_chunking_does_not_matter(exported_model, runtime, real_x):
@@ -161,6 +162,31 @@ def test_interpolate_endpoints_are_the_reconstructions(runtime, real_x):
         np.testing.assert_allclose(path[[0, -1]], recon, atol=1e-5)
     with pytest.raises(ValueError, match="mode must be"):
         Direct(runtime).run(ops.interpolate, real_x[:2], mode="cubic")
+
+
+def test_pixel_maps_sum_to_the_reconstruction_term_of_the_score(runtime, real_x):
+    """Each map is -log p(x|z) per pixel; the negative ELBO is its sum plus the analytic KL."""
+    result = Direct(runtime).run(ops.score, real_x, 4, "elbo", 3, maps=True)
+    posterior = Direct(runtime).run(ops.encode, real_x)
+    mean, logvar = posterior.mean.astype(np.float64), posterior.logvar.astype(np.float64)
+    kl = 0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1.0 - logvar, axis=1)
+    assert result.maps.shape == (len(real_x), 28, 28) and (result.maps > 0).all()  # Bernoulli: -log p > 0
+    np.testing.assert_allclose(result.maps.sum(axis=(1, 2)), result.scores - kl, rtol=1e-6)
+    assert Direct(runtime).run(ops.score, real_x, 4, "elbo", 3).maps is None  # only when asked for
+
+
+def test_a_bright_defect_painted_into_a_digit_is_the_hottest_region_of_its_map(runtime, real_x):
+    digit = real_x[0].copy()
+    corner = (slice(None), slice(1, 6), slice(1, 6))
+    assert digit[corner].max() < 0.1  # background in the original
+    digit[corner] = 1.0
+    clean, defective = Direct(runtime).run(ops.score, np.stack([real_x[0], digit]), 2, "elbo", 0, maps=True).maps
+    hottest = np.unravel_index(defective.argmax(), defective.shape)
+    assert 1 <= hottest[0] < 6 and 1 <= hottest[1] < 6, hottest
+    inside = np.zeros((28, 28), bool)
+    inside[1:6, 1:6] = True
+    assert defective[inside].mean() > 5 * defective[~inside].mean()
+    assert defective[inside].sum() > 10 * clean[inside].sum()  # the defect, not a region this digit always has
 
 
 def test_slerp_keeps_the_norm_between_equal_norm_endpoints():
