@@ -141,6 +141,22 @@ def check_images(card: ModelCard, x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
+def checked_images(card: ModelCard, x: np.ndarray, limits: Limits) -> np.ndarray:
+    """`check_images` after the count limit (a batch too large is refused before its pixels are looked at)."""
+    x = np.asarray(x)
+    if x.ndim:
+        limits.check_count(len(x), "images")
+    return check_images(card, x)
+
+
+def checked_latents(card: ModelCard, z: np.ndarray, limits: Limits) -> np.ndarray:
+    """`check_latents` after the count limit."""
+    z = np.asarray(z)
+    if z.ndim:
+        limits.check_count(len(z), "latents")
+    return check_latents(card, z)
+
+
 def check_latents(card: ModelCard, z: np.ndarray) -> np.ndarray:
     """Latents (B, latent) as float32, finite and within +-MAX_ABS_LATENT."""
     z = np.asarray(z)
@@ -242,22 +258,19 @@ async def sample(device: Device, num: int, seed: int | None = 0, temperature: fl
 
 async def decode(device: Device, z: np.ndarray, limits: Limits = UNLIMITED) -> np.ndarray:
     """Latents (B, latent) -> image means in [0, 1], (B, C, H, W)."""
-    limits.check_count(len(z), "latents")
-    _, images = await _decode(device, check_latents(device.card, z))
+    _, images = await _decode(device, checked_latents(device.card, z, limits))
     return images
 
 
 async def decode_params(device: Device, z: np.ndarray, limits: Limits = UNLIMITED) -> np.ndarray:
     """Latents (B, latent) -> the likelihood parameters of p(x|z) (layouts in serve.likelihoods)."""
-    limits.check_count(len(z), "latents")
-    params, _ = await _decode(device, check_latents(device.card, z))
+    params, _ = await _decode(device, checked_latents(device.card, z, limits))
     return params
 
 
 async def encode(device: Device, x: np.ndarray, limits: Limits = UNLIMITED) -> Posterior:
     """Images (B, C, H, W) in [0, 1] -> q(z|x)."""
-    limits.check_count(len(x), "images")
-    return Posterior(*await _encode(device, check_images(device.card, x)))
+    return Posterior(*await _encode(device, checked_images(device.card, x, limits)))
 
 
 async def reconstruct(device: Device, x: np.ndarray, limits: Limits = UNLIMITED) -> np.ndarray:
@@ -287,10 +300,11 @@ async def interpolate(device: Device, x: np.ndarray, steps: int = 8, mode: str =
                       limits: Limits = UNLIMITED) -> np.ndarray:
     """Decoded path between the posterior means of two images x = (a, b): (steps, C, H, W), endpoints included."""
     limits.check_count(steps, "steps")
+    x = checked_images(device.card, x, limits)
     if len(x) != 2:
         raise InvalidInput(f"interpolate takes exactly 2 images (a, b), got {len(x)}")
-    posterior = await encode(device, x, limits)
-    _, images = await _decode(device, interpolate_latents(posterior.mean[0], posterior.mean[1], steps, mode))
+    mean, _ = await _encode(device, x)
+    _, images = await _decode(device, interpolate_latents(mean[0], mean[1], steps, mode))
     return images
 
 
@@ -401,8 +415,7 @@ async def score(device: Device, x: np.ndarray, num_samples: int = 1, method: str
     if limits.max_score_samples is not None and num_samples > limits.max_score_samples:
         raise InvalidInput(f"num_samples={num_samples} > {limits.max_score_samples}")
     card = device.card
-    x = check_images(card, x)
-    limits.check_count(len(x), "images")
+    x = checked_images(card, x, limits)
     if limits.max_score_rows is not None and len(x) * num_samples > limits.max_score_rows:
         raise TooLarge(f"{len(x)} images x num_samples={num_samples} exceeds {limits.max_score_rows} decoder rows")
     eps = score_noise(len(x), num_samples, card.latent_dim, seed)
