@@ -91,9 +91,10 @@ def build_runners(model, model_dir: Path, work: Path, threads: int, spin: bool =
     """backend -> {"encoder": fn(x), "decoder": fn(z), "setup_s": {...}}; each fn returns numpy."""
     import onnxruntime as ort
 
+    from export.model_card import read_model_json
     from export.optimize import optimized_copy
 
-    metadata = json.loads((model_dir / "model.json").read_text())
+    metadata = read_model_json(model_dir)
     runners: dict[str, dict] = {}
 
     def eager(device: str):

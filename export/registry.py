@@ -1,7 +1,5 @@
-"""An export in MLflow: logged to its training run, registered version by version, resolved back.
-
-Imports only mlflow, numpy and the standard library at module level (no torch, no project
-package), so a consumer that may not import torch can use `resolve_model_dir`.
+"""An export in MLflow: logged to its training run and registered version by version
+(`export.model_uri.resolve_model_dir` resolves it back). Imports no torch.
 
 A registered version is an MLflow 3 logged model of the ONNX flavour: its `model.onnx` is the
 decoder (z -> params, image; `mlflow.pyfunc.load_model(uri).predict({"z": z})` generates), with a
@@ -11,60 +9,20 @@ precisions) travels in it as `extra_files/`, which is what `resolve_model_dir` r
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
-METADATA_FILE = "model.json"
+from export.model_card import METADATA_FILE, read_model_json
+from export.model_uri import RUN_ARTIFACT_PATH, tracking_context
+
 MODEL_NAME_IN_RUN = "vae-onnx"
-RUN_ARTIFACT_PATH = "export"
 # model.json keys copied into the MLmodel metadata and onto each model version as tags.
 FACTS = ("latent_dim", "image_shape", "likelihood", "likelihood_params", "weights", "mlflow_run_id",
          "training_step", "config_sha256", "tool_version", "opset")
-
-
-@contextlib.contextmanager
-def tracking_context(uri: str | None):
-    """Use `uri` for tracking and the registry inside the block, then restore what was there.
-
-    MLflow resolves `models:/` URIs and logs models through the global URIs whatever is passed
-    to `download_artifacts`, hence the switch. The previous state is restored as it was (unset
-    stays unset), not as the URI it resolved to, or a later switch of the tracking URI would leave
-    the registry behind.
-    """
-    if not uri:
-        yield
-        return
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
-    # set_*_uri also write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, which child
-    # processes would inherit: restore those too.
-    previous_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = previous
-        for name, value in previous_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _read_metadata(model_dir: Path) -> dict:
-    path = model_dir / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no {METADATA_FILE}: export a model with `python -m export`")
-    return json.loads(path.read_text())
 
 
 def _export_files(model_dir: Path, metadata: dict) -> list[Path]:
@@ -90,7 +48,7 @@ def register_export(model_dir: str | Path, name: str, *, alias: str | None = Non
     from mlflow.models import infer_signature
 
     model_dir = Path(model_dir)
-    metadata = _read_metadata(model_dir)
+    metadata = read_model_json(model_dir)
     files = _export_files(model_dir, metadata)
     run_id = run_id or metadata.get("mlflow_run_id")
     if not run_id:
@@ -125,25 +83,3 @@ def register_export(model_dir: str | Path, name: str, *, alias: str | None = Non
         client.set_registered_model_alias(name, alias, version.version)
     return client.get_model_version(name, version.version)
 
-
-def resolve_model_dir(uri: str | Path, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
-    """A local export directory (holding model.json) from a directory, `models:/NAME/VERSION`,
-    `models:/NAME@ALIAS` or `runs:/RUN_ID/export`; registry URIs are downloaded into `dst`."""
-    text = str(uri)
-    if not text.startswith(("models:/", "runs:/")):
-        path = Path(text)
-        if (path / METADATA_FILE).is_file():
-            return path
-        raise FileNotFoundError(f"{path} is not an exported model directory (no {METADATA_FILE}); "
-                                f"expected a directory, models:/NAME/VERSION or models:/NAME@ALIAS")
-    try:
-        with tracking_context(tracking_uri):
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=text, dst_path=str(dst) if dst else None, tracking_uri=tracking_uri,
-                registry_uri=tracking_uri))
-    except mlflow.exceptions.MlflowException as error:
-        raise FileNotFoundError(f"{text}: {error.message}") from error
-    for candidate in (local, local / "extra_files", local / RUN_ARTIFACT_PATH):
-        if (candidate / METADATA_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"{text} (downloaded to {local}) holds no {METADATA_FILE}: not a vae-pipeline export")

@@ -52,7 +52,8 @@ def test_registry_round_trip(exported_model_fp16, mlflow_server, tmp_path, capsy
     from mlflow import MlflowClient
 
     from export.__main__ import main
-    from export.registry import register_export, resolve_model_dir, tracking_context
+    from export.model_uri import resolve_model_dir, tracking_context
+    from export.registry import register_export
 
     metadata = json.loads((exported_model_fp16 / "model.json").read_text())
     run_id = metadata["mlflow_run_id"]
@@ -97,7 +98,7 @@ def test_registry_round_trip(exported_model_fp16, mlflow_server, tmp_path, capsy
 
 
 def test_resolver_errors_name_the_problem(tmp_path, mlflow_server):
-    from export.registry import resolve_model_dir
+    from export.model_uri import resolve_model_dir
 
     with pytest.raises(FileNotFoundError, match="no model.json"):
         resolve_model_dir(tmp_path)

@@ -44,3 +44,12 @@ def test_model_import_stays_light():
     code = "import sys, train.model; print(sorted(m for m in ('mlflow', 'torch.distributed.run', 'webdataset') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_the_model_card_file_is_named_in_one_place():
+    """model.json's name is a string in export/model_card.py alone; everything else reads it through that module."""
+    spelled = [str(path.relative_to(REPO)) for package in ORDER + ["bench", "scripts"]
+               for path in (REPO / package).rglob("*.py")
+               if any(isinstance(node, ast.Constant) and node.value == "model.json"
+                      for node in ast.walk(ast.parse(path.read_text())))]
+    assert spelled == ["export/model_card.py"]

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve import ops
 from serve.__main__ import main
+from serve.ops import Direct
 from tests.conftest import REPO, VENV_BIN, subprocess_env
 
 
@@ -26,7 +28,7 @@ def test_generate_npy_is_the_seeded_stream_whatever_the_batch(exported_model, tm
                  "--batch", "1000", "--seed", "4", "--workers", "1", "--no-progress"]) == 0
     a, b = np.load(tmp_path / "a" / "samples.npy"), np.load(tmp_path / "b" / "samples.npy")
     assert a.shape == (300, 28, 28, 1) and a.dtype == np.uint8
-    expected = to_uint8(nchw_to_nhwc(VAERuntime(exported_model).sample(300, seed=4)))
+    expected = to_uint8(nchw_to_nhwc(Direct(VAERuntime(exported_model)).run(ops.sample, 300, seed=4)))
     assert np.abs(a.astype(int) - expected).max() <= 1 and np.abs(a.astype(int) - b).max() <= 1
     assert Image.open(tmp_path / "grid.png").size == (2 * (8 * 30 + 2),) * 2  # 64 samples, 8x8, scale 2
 
@@ -75,7 +77,8 @@ def test_encode_writes_latents_labels_and_a_plot(exported_model, small_shards, t
     assert z.shape == (120, 16) and sorted(np.bincount(labels)) == [12] * 10
     assert Image.open(tmp_path / "plot.png").size[0] > 300
     assert main(["encode", "--model", str(exported_model), "--input", str(small_shards), "--split", "val",
-                 "--out", str(tmp_path / "z.parquet")]) == 0
+                 "--out", str(tmp_path / "z.parquet"), "--plot", str(tmp_path / "tsne.png"), "--plot-method", "tsne"]) == 0
+    assert Image.open(tmp_path / "tsne.png").size[0] > 300
     table = pq.read_table(tmp_path / "z.parquet").to_pandas()
     assert list(table.columns[:3]) == ["key", "label", "mean_0"] and len(table) == 120
     np.testing.assert_allclose(table[[f"mean_{d}" for d in range(16)]].to_numpy(), z, rtol=1e-6)
@@ -88,17 +91,24 @@ def test_encode_writes_latents_labels_and_a_plot(exported_model, small_shards, t
                  "--out", str(tmp_path / "f.npy")]) == 0
     assert np.load(tmp_path / "f.labels.npy").tolist() == [0, 0, 1, 1]
     x = np.stack([np.asarray(Image.open(p), np.float32)[None] / 255 for p in sorted((tmp_path / "folder").rglob("*.png"))])
-    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), VAERuntime(exported_model).encode(x)[0], rtol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), Direct(VAERuntime(exported_model)).run(ops.encode, x).mean,
+                               rtol=1e-5)
 
 
 def test_score_reports_auc_and_calibrates_a_threshold(exported_model, small_shards, tmp_path, capsys):
     assert main(["score", "--model", str(exported_model), "--input", str(small_shards), "--split", "val",
-                 "--out", str(tmp_path / "s.csv"), "--labels", "1", "--samples", "4"]) == 0
+                 "--out", str(tmp_path / "s.csv"), "--labels", "1", "--samples", "4", "--maps", str(tmp_path / "maps")]) == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert 0.0 <= summary["roc_auc"] <= 1.0 and summary["anomaly_labels"] == [1]
     assert "ROC AUC" in capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     assert len(rows) == 120 and all(float(r["score"]) > 0 for r in rows)
+    # one heat map per image, in input order, each named with its key in maps.csv
+    maps = list(csv.DictReader(open(tmp_path / "maps" / "maps.csv")))
+    assert [m["key"] for m in maps] == [r["key"] for r in rows]
+    first = Image.open(tmp_path / "maps" / maps[0]["file"])
+    assert first.size == (28, 28) and first.mode == "RGB"
+    assert all(0 < float(m["sum_nats"]) < float(r["score"]) for m, r in zip(maps, rows))  # the score adds the KL
     assert main(["score", "--model", str(exported_model), "--input", str(small_shards), "--split", "train",
                  "--out", str(tmp_path / "normal.csv"), "--calibrate", "--target-fpr", "0.05"]) == 0
     threshold = json.loads((tmp_path / "threshold.json").read_text())["threshold"]
@@ -142,7 +152,7 @@ def test_models_uri_downloads_from_the_mlflow_registry(exported_model, tmp_path)
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from serve.registry import resolve_model
+    from export.model_uri import resolve_model_dir, tracking_context
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
@@ -152,12 +162,16 @@ def test_models_uri_downloads_from_the_mlflow_registry(exported_model, tmp_path)
     client.create_registered_model("vae-digits")
     version = client.create_model_version("vae-digits", f"runs:/{run.info.run_id}/model", run.info.run_id)
     client.set_registered_model_alias("vae-digits", "prod", version.version)
-    by_version = resolve_model("models:/vae-digits/1", tracking_uri=uri, cache_dir=tmp_path / "cache")
-    by_alias = resolve_model("models:/vae-digits@prod", tracking_uri=uri, cache_dir=tmp_path / "cache")
+    # the caller's own MLflow setup (here: another store) is what it was after resolving
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    with tracking_context(elsewhere):
+        by_version = resolve_model_dir("models:/vae-digits/1", tracking_uri=uri, dst=tmp_path / "cache" / "v1")
+        by_alias = resolve_model_dir("models:/vae-digits@prod", tracking_uri=uri, dst=tmp_path / "cache" / "prod")
+        assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (elsewhere, elsewhere)
     for path in (by_version, by_alias):
         assert (path / "model.json").read_bytes() == (exported_model / "model.json").read_bytes()
     with pytest.raises(ValueError, match="expected models:/NAME/VERSION"):
-        resolve_model("models:/vae-digits/v1", tracking_uri=uri)
+        resolve_model_dir("models:/vae-digits/v1", tracking_uri=uri)
     # the command line takes the URI too (MLflow stays out of serve until a models:/ URI is used)
     result = subprocess.run([str(VENV_BIN / "python"), "-m", "serve", "generate", "--model", "models:/vae-digits@prod",
                              "-n", "8", "--out", str(tmp_path / "g.png")], cwd=REPO, capture_output=True, text=True,
