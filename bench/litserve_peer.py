@@ -6,7 +6,7 @@
 through LitServe's own dynamic batching (`max_batch_size`, `batch_timeout`) and at its best: one inference
 worker running the same onnxruntime session options as our service (`serve.runtime`, idle threads not
 spinning), only the `image` output computed, and answers serialised by orjson into a ready Response (no
-FastAPI encoding of a dict). The latents are drawn as `VAERuntime.sample_latents` draws them. Only n=1 is
+FastAPI encoding of a dict). The latents are drawn as `serve.ops.prior_latents` draws them. Only n=1 is
 taken (what the load sends): batching stacks one latent per request. Readiness: GET /health.
 """
 
@@ -21,6 +21,7 @@ import orjson
 from fastapi import HTTPException
 from fastapi.responses import Response
 
+from serve.ops import prior_latents
 from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
 
 BATCH_ROWS = 512  # rows per decoder call, as bench.serve_load.batcher_ceiling and the service use
@@ -41,7 +42,7 @@ class DecoderAPI(ls.LitAPI):
     def decode_request(self, request: dict) -> np.ndarray:
         if request.get("n", 1) != 1:
             raise HTTPException(422, f"this peer answers n=1 only, got n={request.get('n')!r}")
-        return self.runtime.sample_latents(1, int(request.get("seed", 0)))[0]
+        return prior_latents(self.runtime.card, 1, int(request.get("seed", 0)))[0]
 
     def batch(self, inputs: list[np.ndarray]) -> np.ndarray:
         return np.stack(inputs)

@@ -211,6 +211,7 @@ def batcher_ceiling(model: str, providers: str, clients: int, seconds: float = 4
     from concurrent.futures import ThreadPoolExecutor
 
     from serve.batching import BatchingOptions, DynamicBatcher
+    from serve.ops import prior_latents
     from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
 
     runtime = VAERuntime(model, options=RuntimeOptions(providers=parse_providers(providers), spinning=False))
@@ -225,7 +226,7 @@ def batcher_ceiling(model: str, providers: str, clients: int, seconds: float = 4
         async def client(index: int) -> None:
             nonlocal count
             while time.perf_counter() < stop_at:
-                await batcher.submit(runtime.sample_latents(1, index * 10**6 + count))
+                await batcher.submit(prior_latents(runtime.card, 1, index * 10**6 + count))
                 count += 1
 
         cpu, started = time.process_time(), time.perf_counter()

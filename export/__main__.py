@@ -266,7 +266,7 @@ def run_register(args: argparse.Namespace) -> int:
 
 
 def run_resolve(args: argparse.Namespace) -> int:
-    from export.registry import resolve_model_dir
+    from export.model_uri import resolve_model_dir
 
     print(resolve_model_dir(args.uri, dst=args.dst, tracking_uri=args.tracking_uri))
     return 0

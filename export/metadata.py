@@ -1,4 +1,5 @@
-"""What travels with the ONNX files: model.json beside them and the same facts in `metadata_props`.
+"""What travels with the ONNX files: model.json beside them (export.model_card) and the same facts in
+`metadata_props`.
 
 Kept free of torch: it works on plain dicts and ONNX protos, so tools that only read an export
 (the registry, Triton, TensorRT) can use it.
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import onnx
 
-METADATA_FILE = "model.json"
 FORMAT_VERSION = 1  # keys are only ever added; serve relies on the version-1 keys
 PIXEL_SCALING = "uint8 / 255 -> [0, 1]"
 ENCODER_IO = {"inputs": ["x"], "outputs": ["mean", "logvar"]}
@@ -80,11 +80,3 @@ def read_onnx_metadata(path: str | Path) -> dict:
     """metadata_props of an ONNX file, JSON-decoded."""
     model = onnx.load(str(path), load_external_data=False)
     return {entry.key: json.loads(entry.value) for entry in model.metadata_props}
-
-
-def read_model_json(model_dir: str | Path) -> dict:
-    """model.json of an export; a directory without one is a clear error."""
-    path = Path(model_dir) / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no {METADATA_FILE}: export a model with `python -m export`")
-    return json.loads(path.read_text())

@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from export import metadata as meta
+from export.model_card import METADATA_FILE
 from export.fp16 import BlockedNode, convert_to_fp16
 from export.graphs import DecoderGraph, EncoderGraph
 from train.config import TrainConfig, config_to_dict, latent_shape
@@ -27,7 +28,6 @@ TOLERANCE_FP32 = 1e-4
 TOLERANCE_FP16 = 1e-2
 TOLERANCES = {"fp32": TOLERANCE_FP32, "fp16": TOLERANCE_FP16}
 VERIFY_BATCH_SIZES = (1, 7, 1024)
-METADATA_FILE = meta.METADATA_FILE
 # Ops whose output is random: an exported graph must not contain them (noise is sampled outside).
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
               "Bernoulli", "Dropout"}

@@ -1,7 +1,5 @@
-"""An export in MLflow: logged to its training run, registered version by version, resolved back.
-
-Imports only mlflow, numpy and the standard library at module level (no torch, no project
-package), so a consumer that may not import torch can use `resolve_model_dir`.
+"""An export in MLflow: logged to its training run and registered version by version
+(`export.model_uri.resolve_model_dir` resolves it back). Imports no torch.
 
 A registered version is an MLflow 3 logged model of the ONNX flavour: its `model.onnx` is the
 decoder (z -> params, image; `mlflow.pyfunc.load_model(uri).predict({"z": z})` generates), with a
@@ -9,17 +7,15 @@ signature and an input example; the whole export directory (encoder, decoder, mo
 precisions) travels in it as `extra_files/`, which is what `resolve_model_dir` returns.
 
 Beside it, the same export is registered as `NAME-pyfunc`: serve/pyfunc.py (logged as a model from
-code, with serve/ and pipeline/ as its code and the export directory as its artifact) encodes,
+code, with serve/, export/ and pipeline/ as its code and the export directory as its artifact) encodes,
 samples and scores through onnxruntime, so `mlflow models serve -m models:/NAME-pyfunc@ALIAS`
 answers `/invocations` without torch. The file is logged by path, not imported: export stays left of serve.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,59 +23,19 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
-METADATA_FILE = "model.json"
+from export.model_card import METADATA_FILE, read_model_json
+from export.model_uri import PYFUNC_ARTIFACT, RUN_ARTIFACT_PATH, tracking_context
+
 MODEL_NAME_IN_RUN = "vae-onnx"
 PYFUNC_NAME_IN_RUN = "vae-pyfunc"
 PYFUNC_SUFFIX = "-pyfunc"
 """The pyfunc of export NAME is registered as NAME + this."""
-PYFUNC_ARTIFACT = "model_dir"
-"""serve.pyfunc.ARTIFACT: the key the export directory travels under (serve is not imported here)."""
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 # What the pyfunc needs at load time, besides mlflow (which MLflow adds itself).
 PYFUNC_DISTRIBUTIONS = (("onnxruntime-gpu", "onnxruntime"), ("numpy",), ("pillow",))
-RUN_ARTIFACT_PATH = "export"
 # model.json keys copied into the MLmodel metadata and onto each model version as tags.
 FACTS = ("latent_dim", "image_shape", "likelihood", "likelihood_params", "weights", "mlflow_run_id",
          "training_step", "config_sha256", "tool_version", "opset")
-
-
-@contextlib.contextmanager
-def tracking_context(uri: str | None):
-    """Use `uri` for tracking and the registry inside the block, then restore what was there.
-
-    MLflow resolves `models:/` URIs and logs models through the global URIs whatever is passed
-    to `download_artifacts`, hence the switch. The previous state is restored as it was (unset
-    stays unset), not as the URI it resolved to, or a later switch of the tracking URI would leave
-    the registry behind.
-    """
-    if not uri:
-        yield
-        return
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
-    # set_*_uri also write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, which child
-    # processes would inherit: restore those too.
-    previous_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = previous
-        for name, value in previous_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _read_metadata(model_dir: Path) -> dict:
-    path = model_dir / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no {METADATA_FILE}: export a model with `python -m export`")
-    return json.loads(path.read_text())
 
 
 def _export_files(model_dir: Path, metadata: dict) -> list[Path]:
@@ -128,6 +84,7 @@ def pyfunc_signature():
             ParamSpec("num_samples", DataType.long, None),  # score
             ParamSpec("complexity", DataType.string, None),  # score: none or png
             ParamSpec("seed", DataType.long, None),  # score's noise
+            ParamSpec("maps", DataType.boolean, None),  # score: per-pixel maps too
         ]))
 
 
@@ -163,7 +120,8 @@ def _log_pyfunc(files: list[Path], facts: dict):
             shutil.copy2(path, export)
         return mlflow.pyfunc.log_model(
             name=PYFUNC_NAME_IN_RUN, python_model=str(source), artifacts={PYFUNC_ARTIFACT: str(export)},
-            code_paths=[str(SOURCE_ROOT / "serve"), str(SOURCE_ROOT / "pipeline")], signature=pyfunc_signature(),
+            code_paths=[str(SOURCE_ROOT / package) for package in ("serve", "export", "pipeline")],
+            signature=pyfunc_signature(),
             input_example=(pd.DataFrame({"seed": [0, 1]}), {"op": "sample"}),
             pip_requirements=_pyfunc_requirements(), metadata=facts)
 
@@ -181,7 +139,7 @@ def register_export(model_dir: str | Path, name: str, *, alias: str | None = Non
     from mlflow.models import infer_signature
 
     model_dir = Path(model_dir)
-    metadata = _read_metadata(model_dir)
+    metadata = read_model_json(model_dir)
     files = _export_files(model_dir, metadata)
     run_id = run_id or metadata.get("mlflow_run_id")
     if not run_id:
@@ -227,26 +185,3 @@ def register_export(model_dir: str | Path, name: str, *, alias: str | None = Non
     return Registered(
         client.get_model_version(name, version.version),
         client.get_model_version(name + PYFUNC_SUFFIX, pyfunc_version.version) if pyfunc_version else None)
-
-
-def resolve_model_dir(uri: str | Path, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
-    """A local export directory (holding model.json) from a directory, `models:/NAME/VERSION`,
-    `models:/NAME@ALIAS` or `runs:/RUN_ID/export`; registry URIs are downloaded into `dst`."""
-    text = str(uri)
-    if not text.startswith(("models:/", "runs:/")):
-        path = Path(text)
-        if (path / METADATA_FILE).is_file():
-            return path
-        raise FileNotFoundError(f"{path} is not an exported model directory (no {METADATA_FILE}); "
-                                f"expected a directory, models:/NAME/VERSION or models:/NAME@ALIAS")
-    try:
-        with tracking_context(tracking_uri):
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=text, dst_path=str(dst) if dst else None, tracking_uri=tracking_uri,
-                registry_uri=tracking_uri))
-    except mlflow.exceptions.MlflowException as error:
-        raise FileNotFoundError(f"{text}: {error.message}") from error
-    for candidate in (local, local / "extra_files", local / RUN_ARTIFACT_PATH, local / "artifacts" / PYFUNC_ARTIFACT):
-        if (candidate / METADATA_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"{text} (downloaded to {local}) holds no {METADATA_FILE}: not a vae-pipeline export")

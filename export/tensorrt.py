@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from export.metadata import METADATA_FILE, read_model_json
+from export.model_card import METADATA_FILE, read_model_json
 
 
 class TensorRTUnavailable(RuntimeError):

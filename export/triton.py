@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from export.metadata import METADATA_FILE, read_model_json
+from export.model_card import METADATA_FILE, read_model_json
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
                   onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import EXIT_FAILURE, EXIT_OK, MissingExtraError
+from serve import ops
+from serve.ops import Direct
+
+PLOT_METHODS = {"pca": "PCA", "tsne": "t-SNE"}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(key, label, mean_*, logvar_*)")
     encode.add_argument("--sample", action="store_true", help="write sampled z ~ q(z|x) instead of the means")
     encode.add_argument("--seed", type=int, default=0, help="noise seed for --sample")
-    encode.add_argument("--plot", default=None, help="PNG scatter of the first two principal components, by label")
+    encode.add_argument("--plot", default=None, help="PNG scatter of the posterior means in 2-D, coloured by label")
+    encode.add_argument("--plot-method", choices=PLOT_METHODS, default="pca",
+                        help="how --plot maps the latents to 2-D: pca (linear, fast) or tsne (scikit-learn's t-SNE: "
+                             "keeps neighbours together, so classes show as clusters; seconds per thousand images)")
 
     score = commands.add_parser("score", help="anomaly scores (negative ELBO / IWAE) to CSV; ROC AUC with labels",
                                 formatter_class=fmt)
@@ -93,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="png: subtract each image's PNG code length from its score (input-complexity "
                             "correction, Serra et al. 2020): likelihoods favour simple images whatever their class")
     score.add_argument("--seed", type=int, default=0, help="noise seed")
+    score.add_argument("--maps", default=None, metavar="DIR",
+                       help="also write one heat-map PNG per image to DIR: -log p(x|z) per pixel, black (0 nats) to "
+                            "white (the image's largest value), with maps.csv giving each file's key and scale")
     score.add_argument("--labels", default=None,
                        help="comma-separated labels that count as anomalies (e.g. 9): report and store ROC AUC")
     score.add_argument("--calibrate", action="store_true",
@@ -151,11 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_runtime(args):
-    from serve.registry import resolve_model
+    from export.model_uri import resolve_model_dir
     from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
 
     providers = ("CPUExecutionProvider",) if args.cpu else parse_providers(args.providers)
-    model_dir = resolve_model(args.model, tracking_uri=args.tracking_uri)
+    model_dir = resolve_model_dir(args.model, tracking_uri=args.tracking_uri)
     return VAERuntime(model_dir, options=RuntimeOptions(
         providers=providers, batch_size=args.batch, intra_op_threads=args.threads, variant=args.variant,
         # the HTTP service runs many small device calls beside an event loop: spinning threads would starve it
@@ -166,6 +177,7 @@ def read_input(location: str, runtime, split: str = "val", limit: int = 0
                ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(x float (N, C, H, W) in [0, 1], labels or None, keys) from shards, an image folder or one image."""
     from pipeline.images import nhwc_to_nchw, to_unit_float
+    from serve.ops import image_from_bytes
 
     path = Path(location)
     channels, height, width = runtime.image_shape
@@ -203,7 +215,7 @@ def read_input(location: str, runtime, split: str = "val", limit: int = 0
     images, labels = [], []
     for file in files:
         try:
-            images.append(runtime.image_from_bytes(file.read_bytes()))
+            images.append(image_from_bytes(runtime.card, file.read_bytes()))
         except ValueError as error:
             raise ValueError(f"{file}: {error}") from error
         labels.append(int(file.parent.name) if file.parent.name.isdigit() and file.parent != path else -1)
@@ -223,7 +235,7 @@ def run_generate(runtime, args) -> None:
 
     if args.format is None and args.out.lower().endswith(".png"):  # the original single-grid usage
         started = time.perf_counter()
-        images = runtime.sample(args.num, seed=args.seed, temperature=args.temperature)
+        images = Direct(runtime).run(ops.sample, args.num, seed=args.seed, temperature=args.temperature)
         seconds = time.perf_counter() - started
         save_grid(to_uint8(nchw_to_nhwc(images)), args.out, num_cols=8)
         print(f"wrote {args.num} samples to {args.out} ({args.num / seconds:.0f} images/s on {runtime.provider})")
@@ -241,7 +253,7 @@ def run_reconstruct(runtime, args) -> None:
 
     x, _, _ = read_input(args.input, runtime, args.split, args.num)
     started = time.perf_counter()
-    recon = runtime.reconstruct(x)
+    recon = Direct(runtime).run(ops.reconstruct, x)
     seconds = time.perf_counter() - started
     pairs = np.stack([x, recon], axis=1).reshape(-1, *x.shape[1:])  # original, reconstruction, ...
     save_grid(to_uint8(nchw_to_nhwc(pairs)), args.out, num_cols=8)
@@ -257,10 +269,13 @@ def run_encode(runtime, args) -> None:
         require("pyarrow.parquet", "analysis", "serve encode --out *.parquet")
     if args.plot:
         require("matplotlib", "analysis", "serve encode --plot")
+        if args.plot_method == "tsne":
+            require("sklearn.manifold", "analysis", "serve encode --plot-method tsne")
     x, labels, keys = read_input(args.input, runtime, args.split, args.num)
     started = time.perf_counter()
-    mean, logvar = runtime.encode(x)
-    latents = runtime.encode(x, sample=True, seed=args.seed) if args.sample else mean
+    posterior = Direct(runtime).run(ops.encode, x)
+    mean, logvar = posterior.mean, posterior.logvar
+    latents = posterior.sample(args.seed) if args.sample else mean
     _report("encoded", len(x), time.perf_counter() - started, runtime)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,10 +296,12 @@ def run_encode(runtime, args) -> None:
         raise ValueError(f"--out must end in .npy or .parquet, got {out}")
     print(f"wrote {latents.shape} latents to {out}")
     if args.plot:
-        from serve.analysis import pca, plot_2d
+        from serve.analysis import embed_2d, plot_2d
 
-        plot_2d(pca(mean, 2), labels, args.plot, title=f"{len(x)} images, PCA of {mean.shape[1]}-d posterior means")
-        print(f"wrote a 2-D plot to {args.plot}")
+        points, axes = embed_2d(mean, args.plot_method, seed=args.seed)
+        plot_2d(points, labels, args.plot, axes=axes,
+                title=f"{len(x)} images, {PLOT_METHODS[args.plot_method]} of {mean.shape[1]}-d posterior means")
+        print(f"wrote a 2-D plot ({args.plot_method}) to {args.plot}")
 
 
 def read_threshold(path) -> tuple[float, tuple[str, str]]:
@@ -298,8 +315,9 @@ def run_score(runtime, args) -> None:
 
     x, labels, keys = read_input(args.input, runtime, args.split, args.num)
     started = time.perf_counter()
-    scores = runtime.score(x, num_samples=args.samples, method=args.method, seed=args.seed,
-                           complexity=args.complexity)
+    result = Direct(runtime).run(ops.score, x, num_samples=args.samples, method=args.method, seed=args.seed,
+                                 complexity=args.complexity, maps=args.maps is not None)
+    scores = result.scores
     _report(f"scored ({args.method}, K={args.samples}, complexity {args.complexity})", len(x),
             time.perf_counter() - started, runtime)
     out = Path(args.out)
@@ -342,6 +360,24 @@ def run_score(runtime, args) -> None:
             handle.write(f"{key},{label},{scores[i]:.6f}{flag}\n")
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {len(x)} scores to {out} (summary in {out.with_suffix('.json')})")
+    if result.maps is not None:
+        write_maps(result.maps, keys, Path(args.maps))
+        print(f"wrote {len(x)} pixel maps to {args.maps}")
+
+
+def write_maps(maps: np.ndarray, keys: list[str], folder: Path) -> None:
+    """One heat-map PNG per image, NNNNNN-KEY.png (the index keeps names unique and in input order), and maps.csv
+    with each file's key, largest value and sum in nats (the sum is the image's reconstruction term)."""
+    from pipeline.images import encode_png
+    from serve.analysis import heat_map
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["file,key,max_nats,sum_nats"]
+    for index, (values, key) in enumerate(zip(maps, keys)):
+        name = f"{index:06d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', key)[:80]}.png"
+        (folder / name).write_bytes(encode_png(heat_map(values)))
+        rows.append(f"{name},{key},{values.max():.6f},{values.sum():.6f}")
+    (folder / "maps.csv").write_text("\n".join(rows) + "\n")
 
 
 def run_interpolate(runtime, args) -> None:
@@ -357,7 +393,7 @@ def run_interpolate(runtime, args) -> None:
     x, _, _ = read_input(args.input, runtime, args.split, max(args.num, needed))
     if needed > len(x):
         raise ValueError(f"--pairs needs image {needed - 1}, the input has {len(x)}")
-    strips = [runtime.interpolate(x[a], x[b], args.steps, args.mode) for a, b in pairs]
+    strips = [Direct(runtime).run(ops.interpolate, x[[a, b]], args.steps, args.mode) for a, b in pairs]
     save_grid(to_uint8(nchw_to_nhwc(np.concatenate(strips))), args.out, num_cols=args.steps)
     print(f"wrote {len(pairs)} {args.mode} interpolation strip(s) of {args.steps} to {args.out}")
 
@@ -369,7 +405,7 @@ def run_traverse(runtime, args) -> None:
     if args.index >= len(x):
         raise ValueError(f"--index {args.index}: the input has {len(x)} images")
     dims = [int(d) for d in args.dims.split(",")] if args.dims.strip() else None
-    grid = runtime.traverse(x[args.index], dims, tuple(args.range), args.steps)
+    grid = Direct(runtime).run(ops.traverse, x[args.index], dims, tuple(args.range), args.steps)
     save_grid(to_uint8(nchw_to_nhwc(grid.reshape(-1, *grid.shape[2:]))), args.out, num_cols=args.steps)
     print(f"wrote a traversal of {grid.shape[0]} dimension(s) x {args.steps} values to {args.out}")
 

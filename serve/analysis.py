@@ -1,4 +1,4 @@
-"""Latents as features and anomaly scores: PCA, a 2-D plot, ROC AUC and a calibrated threshold (numpy)."""
+"""Latents as features and anomaly scores: PCA, a 2-D plot, ROC AUC, a calibrated threshold, heat maps (numpy)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,26 @@ def pca(features: np.ndarray, num_components: int = 2) -> np.ndarray:
     return centred @ components.T
 
 
-def plot_2d(points: np.ndarray, labels: np.ndarray | None, path: str | Path, title: str = "") -> Path:
+def embed_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, tuple[str, str]]:
+    """(N, D) features in 2-D for a scatter plot, and the axes' names: "pca" (linear, numpy) or "tsne"
+    (scikit-learn's t-SNE, the [analysis] extra: it keeps neighbours together, so classes show as clusters)."""
+    if method == "pca":
+        return pca(features, 2), ("PC 1", "PC 2")
+    if method != "tsne":
+        raise ValueError(f"plot method must be 'pca' or 'tsne', got {method!r}")
+    from pipeline.cli import require
+
+    manifold = require("sklearn.manifold", "analysis", "a t-SNE plot")
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"t-SNE needs at least 2 rows of (N, D) features, got shape {features.shape}")
+    # perplexity must stay below the number of points; 30 (the default) for anything but tiny inputs
+    tsne = manifold.TSNE(n_components=2, perplexity=min(30.0, (len(features) - 1) / 3), init="pca", random_state=seed)
+    return tsne.fit_transform(features), ("t-SNE 1", "t-SNE 2")
+
+
+def plot_2d(points: np.ndarray, labels: np.ndarray | None, path: str | Path, title: str = "",
+            axes: tuple[str, str] = ("PC 1", "PC 2")) -> Path:
     """Scatter (N, 2) points coloured by label (matplotlib, headless)."""
     from pipeline.cli import require
 
@@ -36,8 +55,8 @@ def plot_2d(points: np.ndarray, labels: np.ndarray | None, path: str | Path, tit
             members = labels == label
             axis.scatter(points[members, 0], points[members, 1], s=4, alpha=0.7, label=str(label))
         axis.legend(markerscale=3, fontsize=8, loc="best")
-    axis.set_xlabel("PC 1")
-    axis.set_ylabel("PC 2")
+    axis.set_xlabel(axes[0])
+    axis.set_ylabel(axes[1])
     axis.set_title(title, fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,3 +88,13 @@ def threshold_for_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target false-positive rate must be in (0, 1), got {target_fpr}")
     return float(np.quantile(np.asarray(normal_scores, np.float64), 1.0 - target_fpr, method="higher"))
+
+
+def heat_map(nats: np.ndarray, max_nats: float | None = None) -> np.ndarray:
+    """(H, W) nats per pixel -> (H, W, 3) uint8 on a 'hot' scale: 0 black, then red, yellow, white at `max_nats`
+    (default: the map's own maximum)."""
+    nats = np.asarray(nats, np.float64)
+    top = float(nats.max()) if max_nats is None else float(max_nats)
+    t = np.clip(nats / top, 0.0, 1.0) if top > 0 else np.zeros_like(nats)
+    rgb = np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], axis=-1)
+    return np.rint(rgb * 255).astype(np.uint8)

@@ -151,7 +151,8 @@ def generate(runtime: VAERuntime, num: int, out: str | Path, *, fmt: str = "npy"
             rows = min(batch_size, num - start)
             decode_started = time.perf_counter()
             z = rng.standard_normal((rows, runtime.latent_dim), dtype=np.float32) * np.float32(temperature)
-            images = runtime.decode(z)  # float (B, C, H, W); workers convert to uint8 (B, H, W, C)
+            # the image output alone (sampling needs no likelihood parameters), checked finite and in [0, 1]
+            (images,) = runtime.decoder.run(z, ["image"], batch_size)  # float (B, C, H, W); workers make uint8
             decode_seconds += time.perf_counter() - decode_started
             if grid is not None:  # the contact sheet holds the first 64 samples, whatever the batch size
                 grid_images.append(to_uint8(nchw_to_nhwc(images[:64 - sum(map(len, grid_images))])))

@@ -6,7 +6,8 @@ The layouts are train's (see the likelihood names in model.json):
   gaussian_learned:     params (B, 2C, H, W) = [mean, log_sigma] on the channel axis
   discretized_logistic: params (B, 2C, H, W) = [mean in [0, 1], log_scale]; 256 bins of width 1/255,
                         the edge bins extending to -inf / +inf (PixelCNN++ style)
-Every function returns nats per image (B,), summed over pixels, computed in float64.
+Every function returns nats per pixel (B, C, H, W), computed in float64; `negative_log_likelihood` sums
+them per image, `pixel_negative_log_likelihood` keeps them (the anomaly maps of `serve.ops.score`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 from typing import Callable
 
 import numpy as np
+
+from export.model_card import PARAMS_PER_CHANNEL  # noqa: F401  (the layouts' channel counts, with the names)
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 BIN_HALF_WIDTH = 0.5 / 255.0
@@ -33,14 +36,10 @@ def _split_channels(params: np.ndarray, x: np.ndarray, name: str) -> tuple[np.nd
     return params[:, :channels], params[:, channels:]
 
 
-def _per_image(nll: np.ndarray) -> np.ndarray:
-    return nll.reshape(nll.shape[0], -1).sum(axis=1)
-
-
 def bernoulli_nll(params: np.ndarray, x: np.ndarray, **_: float) -> np.ndarray:
     """Binary cross-entropy on logits: softplus(l) - x l, stable for any logit."""
     logits = params.astype(np.float64)
-    return _per_image(_softplus(logits) - x * logits)
+    return _softplus(logits) - x * logits
 
 
 def gaussian_nll(params: np.ndarray, x: np.ndarray, *, sigma: float = 1.0, **_: float) -> np.ndarray:
@@ -48,13 +47,13 @@ def gaussian_nll(params: np.ndarray, x: np.ndarray, *, sigma: float = 1.0, **_: 
     if not sigma > 0:
         raise ValueError(f"gaussian likelihood: sigma must be > 0, got {sigma}")
     mean = params.astype(np.float64)
-    return _per_image(0.5 * ((x - mean) / sigma) ** 2 + math.log(sigma) + HALF_LOG_2PI)
+    return 0.5 * ((x - mean) / sigma) ** 2 + math.log(sigma) + HALF_LOG_2PI
 
 
 def gaussian_learned_nll(params: np.ndarray, x: np.ndarray, **_: float) -> np.ndarray:
     """Gaussian whose per-pixel log sigma is the second half of the channels."""
     mean, log_sigma = _split_channels(params.astype(np.float64), x, "gaussian_learned")
-    return _per_image(0.5 * ((x - mean) * np.exp(-log_sigma)) ** 2 + log_sigma + HALF_LOG_2PI)
+    return 0.5 * ((x - mean) * np.exp(-log_sigma)) ** 2 + log_sigma + HALF_LOG_2PI
 
 
 def _log_sigmoid_difference(upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
@@ -77,7 +76,7 @@ def discretized_logistic_nll(params: np.ndarray, x: np.ndarray, **_: float) -> n
             x <= 0.0, -_softplus(-upper),                        # log sigmoid(upper): the 0 bin
             np.where(x >= 1.0, -_softplus(lower),                # log (1 - sigmoid(lower)): the 255 bin
                      _log_sigmoid_difference(upper, lower)))
-    return _per_image(-log_probability)
+    return -log_probability
 
 
 LIKELIHOODS: dict[str, Callable[..., np.ndarray]] = {
@@ -87,16 +86,21 @@ LIKELIHOODS: dict[str, Callable[..., np.ndarray]] = {
     "discretized_logistic": discretized_logistic_nll,
 }
 
-
-# Channels of the decoder's `params` output per image channel, by likelihood (the layouts above).
-PARAMS_PER_CHANNEL = {"bernoulli": 1, "gaussian": 1, "gaussian_learned": 2, "discretized_logistic": 2}
+assert set(LIKELIHOODS) == set(PARAMS_PER_CHANNEL), "the model card and serve must know the same likelihoods"
 
 
-def negative_log_likelihood(name: str, params: np.ndarray, x: np.ndarray,
-                            likelihood_params: dict | None = None) -> np.ndarray:
-    """-log p(x|z) per image (B,) in nats for the likelihood `name` named in model.json."""
+def pixel_negative_log_likelihood(name: str, params: np.ndarray, x: np.ndarray,
+                                  likelihood_params: dict | None = None) -> np.ndarray:
+    """-log p(x|z) per pixel (B, C, H, W) in nats for the likelihood `name` named in model.json."""
     if name not in LIKELIHOODS:
         raise ValueError(f"unknown likelihood {name!r} in model.json; serve knows {sorted(LIKELIHOODS)}")
     if params.shape[0] != x.shape[0]:
         raise ValueError(f"{params.shape[0]} parameter sets for {x.shape[0]} images")
     return LIKELIHOODS[name](params, x.astype(np.float64), **(likelihood_params or {}))
+
+
+def negative_log_likelihood(name: str, params: np.ndarray, x: np.ndarray,
+                            likelihood_params: dict | None = None) -> np.ndarray:
+    """-log p(x|z) per image (B,) in nats: the per-pixel values summed."""
+    nll = pixel_negative_log_likelihood(name, params, x, likelihood_params)
+    return nll.reshape(nll.shape[0], -1).sum(axis=1)

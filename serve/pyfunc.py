@@ -1,10 +1,10 @@
-"""The exported model as an MLflow pyfunc: `mlflow.pyfunc.load_model(uri).predict(...)` encodes, samples and scores.
+"""The exported model as an MLflow pyfunc: `mlflow.pyfunc.load_model(uri).predict(...)` encodes, samples, scores.
 
-No torch: the pyfunc runs the ONNX graphs through `serve.runtime`, so `mlflow models serve` answers
-`/invocations` from a process without torch. `export.registry.register_export` logs this file as a
-"model from code" (it ends with `mlflow.models.set_model`), the export directory as the artifact
-`model_dir`, and serve/ and pipeline/ as code paths, so the model loads wherever onnxruntime and
-mlflow are installed.
+No torch: the pyfunc runs `serve.ops` on the runtime's onnxruntime sessions (`ops.Direct`), so
+`mlflow models serve` answers `/invocations` from a process without torch. `export.registry.register_export`
+logs this file as a "model from code" (it ends with `mlflow.models.set_model`), the export directory as the
+artifact `model_dir`, and serve/, export/ and pipeline/ as code paths, so the model loads wherever
+onnxruntime and mlflow are installed.
 
 Input: one row per item, a DataFrame (or the dict/records MLflow turns into one) with the columns the
 operation needs; the operation and its options are params (the signature, declared where the model is
@@ -16,8 +16,8 @@ logged: export.registry.PYFUNC_SIGNATURE). Options left out take the runtime's d
 | `decode`      | `z` (latent_dim floats)        | `image`                         |                             |
 | `encode`      | `x` (C, H, W) floats in [0, 1] | `mean`, `logvar` (latent_dim)   |                             |
 | `reconstruct` | `x`                            | `image`                         |                             |
-| `score`       | `x`                            | `score` (nats; higher: odder)   | `method`, `num_samples`,    |
-|               |                                |                                 | `complexity`, `seed`        |
+| `score`       | `x`                            | `score` (nats; higher: odder),  | `method`, `num_samples`,    |
+|               |                                | with `maps`: `maps` (H, W) nats | `complexity`, `seed`, `maps`|
 
     model.predict(pd.DataFrame({"x": list(images)}), params={"op": "score"})["score"]
     POST /invocations {"dataframe_records": [{"seed": 1}, {"seed": 2}], "params": {"op": "sample"}}
@@ -34,50 +34,50 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from export.model_uri import PYFUNC_ARTIFACT
+from serve import ops
 from serve.runtime import VAERuntime, parse_providers
 
-ARTIFACT = "model_dir"
-"""The artifact key under which the export directory (model.json, encoder, decoder) travels."""
 SCORE_OPTIONS = ("method", "num_samples", "complexity", "seed")
-"""Params passed to `score` when given; left out, the runtime's defaults apply."""
+"""Params passed to `ops.score` when given; left out, its defaults apply."""
 
 
-def _column(rows, name: str, op: str) -> np.ndarray:
+def _column(rows, name: str) -> np.ndarray:
     """Column `name` of the input stacked into one array; a missing column is the caller's error."""
     columns = list(rows.columns) if hasattr(rows, "columns") else sorted(rows)
     if name not in columns:
-        raise ValueError(f"op {op!r} needs a column {name!r}, got columns {columns}")
+        raise ops.InvalidInput(f"needs a column {name!r}, got columns {columns}")
     values = list(rows[name])
     if any(value is None for value in values):
-        raise ValueError(f"op {op!r}: column {name!r} has empty rows")
+        raise ops.InvalidInput(f"column {name!r} has empty rows")
     return np.asarray(values)
 
 
-# The adapter: each operation as (runtime, input rows, params) -> named arrays. The one place to
-# re-point at another operations module.
-Operation = Callable[[VAERuntime, Any, dict], dict[str, np.ndarray]]
-
-
-def _sample(runtime: VAERuntime, rows, params: dict) -> dict[str, np.ndarray]:
-    seeds = _column(rows, "seed", "sample")
+def _sample(device: ops.Direct, rows, params: dict) -> dict[str, np.ndarray]:
     temperature = 1.0 if params.get("temperature") is None else float(params["temperature"])
-    z = np.concatenate([runtime.sample_latents(1, int(seed), temperature) for seed in seeds]
-                       or [np.zeros((0, runtime.latent_dim), np.float32)])
-    return {"image": runtime.decode(z)}
+    z = np.concatenate([ops.prior_latents(device.card, 1, int(seed), temperature)  # a seed per row, as /v1/sample n=1
+                        for seed in _column(rows, "seed")])
+    return {"image": device.run(ops.decode, z)}
 
 
-def _encode(runtime: VAERuntime, rows, params: dict) -> dict[str, np.ndarray]:
-    mean, logvar = runtime.encode(_column(rows, "x", "encode"))
-    return {"mean": mean, "logvar": logvar}
+def _encode(device: ops.Direct, rows, params: dict) -> dict[str, np.ndarray]:
+    posterior = device.run(ops.encode, _column(rows, "x"))
+    return {"mean": posterior.mean, "logvar": posterior.logvar}
 
 
-OPERATIONS: dict[str, Operation] = {
+def _score(device: ops.Direct, rows, params: dict) -> dict[str, np.ndarray]:
+    options = {name: params[name] for name in SCORE_OPTIONS if params.get(name) is not None}
+    scores = device.run(ops.score, _column(rows, "x"), maps=bool(params.get("maps")), **options)
+    return {"score": scores.scores, **({"maps": scores.maps} if scores.maps is not None else {})}
+
+
+# Each operation as (device, input rows, params) -> named arrays: serve.ops on the runtime's sessions.
+OPERATIONS: dict[str, Callable[[ops.Direct, Any, dict], dict[str, np.ndarray]]] = {
     "sample": _sample,
-    "decode": lambda runtime, rows, params: {"image": runtime.decode(_column(rows, "z", "decode"))},
+    "decode": lambda device, rows, params: {"image": device.run(ops.decode, _column(rows, "z"))},
     "encode": _encode,
-    "reconstruct": lambda runtime, rows, params: {"image": runtime.reconstruct(_column(rows, "x", "reconstruct"))},
-    "score": lambda runtime, rows, params: {"score": runtime.score(
-        _column(rows, "x", "score"), **{name: params[name] for name in SCORE_OPTIONS if params.get(name) is not None})},
+    "reconstruct": lambda device, rows, params: {"image": device.run(ops.reconstruct, _column(rows, "x"))},
+    "score": _score,
 }
 
 
@@ -88,7 +88,7 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
         # model_config={"providers": "cpu"} at load time picks providers (default: the fastest usable here)
         config = context.model_config or {}
         providers = parse_providers(config["providers"]) if config.get("providers") else None
-        self.runtime = VAERuntime(context.artifacts[ARTIFACT], providers=providers)
+        self.device = ops.Direct(VAERuntime(context.artifacts[PYFUNC_ARTIFACT], providers=providers))
 
     def predict(self, context, model_input, params: dict | None = None) -> dict[str, np.ndarray]:
         params = params or {}
@@ -97,8 +97,8 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value(
                 f"params.op must be one of {sorted(OPERATIONS)}, got {op!r}")
         try:
-            return OPERATIONS[op](self.runtime, model_input, params)
-        except (ValueError, TypeError) as error:  # the runtime's input checks: the caller's mistake
+            return OPERATIONS[op](self.device, model_input, params)
+        except (ValueError, TypeError) as error:  # ops.InvalidInput and numpy's complaints: the caller's mistake
             raise MlflowException.invalid_parameter_value(f"op {op!r}: {error}") from error
 
 

@@ -142,7 +142,9 @@ def test_triton_repository_for_every_preset(exported_preset, tmp_path):
 
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_serve_runtime_matches_pytorch_for_every_preset(exported_preset, variant):
-    from serve.runtime import RuntimeOptions, VAERuntime, score_noise
+    from serve import ops
+    from serve.ops import Direct, score_noise
+    from serve.runtime import RuntimeOptions, VAERuntime
     from train.loss import reconstruction_nll
 
     model, config, images, result = exported_preset
@@ -153,10 +155,10 @@ def test_serve_runtime_matches_pytorch_for_every_preset(exported_preset, variant
     with torch.no_grad():
         posterior = model.encode(torch.from_numpy(x))
         reconstruction = model.image_mean(model.decode(posterior.mean)).numpy()
-    np.testing.assert_allclose(runtime.reconstruct(x), reconstruction, atol=tolerance)
-    samples = runtime.sample(4, seed=2)
+    np.testing.assert_allclose(Direct(runtime).run(ops.reconstruct, x), reconstruction, atol=tolerance)
+    samples = Direct(runtime).run(ops.sample, 4, seed=2)
     assert samples.shape == (4, *x.shape[1:]) and 0 <= samples.min() and samples.max() <= 1
-    assert runtime.interpolate(x[0], x[1], steps=3).shape == (3, *x.shape[1:])
+    assert Direct(runtime).run(ops.interpolate, x[:2], steps=3).shape == (3, *x.shape[1:])
     # the anomaly score (negative ELBO) against the training loss on the same noise
     num_samples, seed = 3, 4
     eps = torch.from_numpy(score_noise(len(x), num_samples, config.model.latent_dim, seed))
@@ -166,14 +168,17 @@ def test_serve_runtime_matches_pytorch_for_every_preset(exported_preset, variant
         x_repeated = torch.from_numpy(x).repeat(num_samples, 1, 1, 1)
         nll = reconstruction_nll(params, x_repeated, config.model.likelihood, config.model.gaussian_sigma)
         expected = nll.reshape(num_samples, len(x)).double().mean(0) + posterior.kl().double()
-    score = runtime.score(x, num_samples, "elbo", seed)
+    score = Direct(runtime).run(ops.score, x, num_samples, "elbo", seed).scores
     np.testing.assert_allclose(score, expected.numpy(), rtol=1e-3 if variant == "fp32" else 5e-2)
 
 
 def test_a_trained_preset_through_trainer_export_cli_registry_and_serve(small_shards, tmp_path, real_digits):
     """resnet-s trained by the real trainer on digits, then the same commands a user runs."""
     from export.__main__ import main as export_main
-    from export.registry import register_export, resolve_model_dir
+    from export.model_uri import resolve_model_dir
+    from export.registry import register_export
+    from serve import ops
+    from serve.ops import Direct
     from serve.runtime import RuntimeOptions, VAERuntime
     from train import load_model
     from train.distributed import DistContext
@@ -206,7 +211,7 @@ def test_a_trained_preset_through_trainer_export_cli_registry_and_serve(small_sh
     with torch.no_grad():
         posterior = model.encode(torch.from_numpy(real_digits))
         expected = model.image_mean(model.decode(posterior.mean)).numpy()
-    np.testing.assert_allclose(runtime.reconstruct(real_digits), expected, atol=TOLERANCE["fp32"])
+    np.testing.assert_allclose(Direct(runtime).run(ops.reconstruct, real_digits), expected, atol=TOLERANCE["fp32"])
 
     # the ONNX flavour only: the pyfunc is tested in tests/test_export_registry.py
     registered = register_export(out, "vae-resnet-s", alias="candidate", tracking_uri=tracking, pyfunc=False)

@@ -70,7 +70,7 @@ def test_registry_round_trip(exported_model_fp16, mlflow_server, registered, tmp
     from mlflow import MlflowClient
 
     from export.__main__ import main
-    from export.registry import resolve_model_dir, tracking_context
+    from export.model_uri import resolve_model_dir, tracking_context
 
     metadata = json.loads((exported_model_fp16 / "model.json").read_text())
     run_id = metadata["mlflow_run_id"]
@@ -133,7 +133,8 @@ def test_pyfunc_encodes_samples_and_scores_in_process_and_over_invocations(
     import mlflow
     import pandas as pd
 
-    from export.registry import resolve_model_dir, tracking_context
+    from export.model_uri import resolve_model_dir, tracking_context
+    from serve import ops
     from serve.runtime import RuntimeOptions, VAERuntime
 
     uri = "models:/vae-digits-pyfunc@champion"
@@ -145,11 +146,12 @@ def test_pyfunc_encodes_samples_and_scores_in_process_and_over_invocations(
              "-p", str(port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_server))
     try:
-        runtime = VAERuntime(exported_model_fp16, options=RuntimeOptions(providers=("CPUExecutionProvider",)))
+        cpu = RuntimeOptions(providers=("CPUExecutionProvider",))
+        direct = ops.Direct(VAERuntime(exported_model_fp16, options=cpu))
         seeds = [3, 5, 7]
-        expected_images = runtime.decode(np.concatenate([runtime.sample_latents(1, s) for s in seeds]))
-        expected_scores = runtime.score(expected_images, num_samples=2, seed=1)
-        expected_mean, _ = runtime.encode(expected_images)
+        expected_images = direct.run(ops.decode, np.concatenate([ops.prior_latents(direct.card, 1, s) for s in seeds]))
+        expected = direct.run(ops.score, expected_images, num_samples=2, seed=1, maps=True)
+        expected_mean = direct.run(ops.encode, expected_images).mean
 
         # the registered version carries the export itself, so `serve --model` takes the pyfunc's URI too
         assert (resolve_model_dir(uri, dst=tmp_path / "dl", tracking_uri=mlflow_server) / "model.json").is_file()
@@ -164,9 +166,10 @@ def test_pyfunc_encodes_samples_and_scores_in_process_and_over_invocations(
         np.testing.assert_allclose(images, expected_images, atol=1e-6)
         rows = pd.DataFrame({"x": list(images)})
         np.testing.assert_allclose(model.predict(rows, params={"op": "encode"})["mean"], expected_mean, atol=1e-5)
-        scores = model.predict(rows, params={"op": "score", "num_samples": 2, "seed": 1})["score"]
-        np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
-        with pytest.raises(mlflow.exceptions.MlflowException, match="op 'score' needs a column 'x'"):
+        with_maps = model.predict(rows, params={"op": "score", "num_samples": 2, "seed": 1, "maps": True})
+        np.testing.assert_allclose(with_maps["score"], expected.scores, rtol=1e-5)
+        np.testing.assert_allclose(with_maps["maps"], expected.maps, rtol=1e-5)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="op 'score': needs a column 'x'"):
             model.predict(pd.DataFrame({"seed": seeds}), params={"op": "score"})
         with pytest.raises(mlflow.exceptions.MlflowException, match="params.op must be one of"):
             model.predict(pd.DataFrame({"seed": seeds}), params={"op": "train"})
@@ -183,7 +186,7 @@ def test_pyfunc_encodes_samples_and_scores_in_process_and_over_invocations(
         records = [{"x": image.tolist()} for image in expected_images]
         scored = invoke({"dataframe_records": records, "params": {"op": "score", "num_samples": 2, "seed": 1}})
         assert scored.status_code == 200, scored.text
-        np.testing.assert_allclose(scored.json()["predictions"]["score"], expected_scores, rtol=1e-5)
+        np.testing.assert_allclose(scored.json()["predictions"]["score"], expected.scores, rtol=1e-5)
         encoded = invoke({"dataframe_records": records, "params": {"op": "encode"}})
         np.testing.assert_allclose(np.asarray(encoded.json()["predictions"]["mean"]), expected_mean, atol=1e-5)
         refused = invoke({"dataframe_records": [{"seed": 1}], "params": {"op": "score"}})
@@ -198,7 +201,7 @@ def test_pyfunc_encodes_samples_and_scores_in_process_and_over_invocations(
 
 
 def test_resolver_errors_name_the_problem(tmp_path, mlflow_server):
-    from export.registry import resolve_model_dir
+    from export.model_uri import resolve_model_dir
 
     with pytest.raises(FileNotFoundError, match="no model.json"):
         resolve_model_dir(tmp_path)

@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import REPO, subprocess_env
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0,
-    reason="a GPU is present: the script would run its full sizes")
+GPU_PRESENT = shutil.which("nvidia-smi") is not None and subprocess.run(
+    ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+pytestmark = pytest.mark.skipif(GPU_PRESENT, reason="a GPU is present: the script would run its full sizes")
 
 
 def test_gpu_check_without_a_gpu_skips_gpu_parts_and_writes_json(exported_model, tmp_path):

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve import ops
+from serve.ops import Direct
 from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -107,10 +109,10 @@ def test_sample_and_decode_match_the_runtime(server, runtime):
     body = post(server, "/v1/sample", json={"n": 5, "seed": 11, "temperature": 0.9}).json()
     images = np.asarray(body["images"])
     assert body["shape"] == [5, 1, 28, 28] and body["seed"] == 11
-    np.testing.assert_allclose(images, runtime.sample(5, seed=11, temperature=0.9), atol=1e-5)
-    z = runtime.sample_latents(3, seed=2)
+    np.testing.assert_allclose(images, Direct(runtime).run(ops.sample, 5, seed=11, temperature=0.9), atol=1e-5)
+    z = ops.prior_latents(runtime.card, 3, seed=2)
     decoded = np.asarray(post(server, "/v1/decode", json={"z": z.tolist()}).json()["images"])
-    np.testing.assert_allclose(decoded, runtime.decode(z), atol=1e-5)
+    np.testing.assert_allclose(decoded, Direct(runtime).run(ops.decode, z), atol=1e-5)
     unseeded = post(server, "/v1/sample", json={"n": 1}).json()
     assert isinstance(unseeded["seed"], int)  # echoed, so the caller can reproduce it
     grid = post(server, "/v1/sample?format=png", json={"n": 16, "seed": 1})
@@ -165,19 +167,21 @@ def test_encode_reconstruct_score_take_json_and_png(server, runtime, digits):
     by_json = post(server, "/v1/encode", json={"images": x.tolist()}).json()
     files = [("files", (f"{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(x)]
     by_png = post(server, "/v1/encode", files=files).json()
-    mean, logvar = runtime.encode(x)
+    posterior = Direct(runtime).run(ops.encode, x)
+    mean, logvar = posterior.mean, posterior.logvar
     for body in (by_json, by_png):  # digits are 8-bit already, so PNG is lossless here
         np.testing.assert_allclose(body["mean"], mean, atol=1e-4)
         np.testing.assert_allclose(body["logvar"], logvar, atol=1e-4)
     sampled = post(server, "/v1/encode?sample=true&seed=3", json={"images": x.tolist()}).json()
-    np.testing.assert_allclose(sampled["z"], runtime.encode(x, sample=True, seed=3), atol=1e-4)
+    np.testing.assert_allclose(sampled["z"], Direct(runtime).run(ops.encode, x).sample(3), atol=1e-4)
     raw = post(server, "/v1/reconstruct", content=png_bytes(x[0]), headers={"content-type": "image/png"}).json()
-    np.testing.assert_allclose(raw["images"], runtime.reconstruct(x[:1]), atol=1e-4)
+    np.testing.assert_allclose(raw["images"], Direct(runtime).run(ops.reconstruct, x[:1]), atol=1e-4)
     scores = post(server, "/v1/score?num_samples=8&method=iwae&seed=5", json={"images": x.tolist()}).json()
-    np.testing.assert_allclose(scores["scores"], runtime.score(x, 8, "iwae", 5), rtol=1e-4)
+    np.testing.assert_allclose(scores["scores"], Direct(runtime).run(ops.score, x, 8, "iwae", 5).scores, rtol=1e-4)
     assert scores["method"] == "iwae" and "is_anomaly" not in scores
     corrected = post(server, "/v1/score?num_samples=8&seed=5&complexity=png", json={"images": x.tolist()}).json()
-    np.testing.assert_allclose(corrected["scores"], runtime.score(x, 8, "elbo", 5, complexity="png"), rtol=1e-4)
+    np.testing.assert_allclose(corrected["scores"], Direct(runtime).run(ops.score, x, 8, "elbo", 5, complexity="png").scores,
+                               rtol=1e-4)
     assert corrected["complexity"] == "png"
 
 
@@ -187,7 +191,7 @@ def test_interpolation_decodes_real_digits_to_valid_images(server, runtime, digi
         body = post(server, f"/v1/interpolate?steps=6&mode={mode}", json=pair).json()
         path = np.asarray(body["images"])
         assert path.shape == (6, 1, 28, 28) and np.isfinite(path).all() and 0 <= path.min() and path.max() <= 1
-        np.testing.assert_allclose(path, runtime.interpolate(digits[0], digits[1], 6, mode), atol=1e-4)
+        np.testing.assert_allclose(path, Direct(runtime).run(ops.interpolate, digits[:2], 6, mode), atol=1e-4)
     strip = post(server, "/v1/interpolate?steps=8&format=png",
                  files=[("a", ("a.png", png_bytes(digits[2]), "image/png")),
                         ("b", ("b.png", png_bytes(digits[3]), "image/png"))])

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from serve.likelihoods import negative_log_likelihood
-from serve.runtime import (RuntimeOptions, VAERuntime, choose_providers, interpolate_latents, parse_providers,
-                           score_noise)
+from serve import ops
+from serve.ops import Direct, interpolate_latents, score_noise
+from serve.runtime import RuntimeOptions, VAERuntime, choose_providers, parse_providers
 
 
 @pytest.fixture(scope="module")
@@ -117,43 +118,49 @@ def test_score_matches_pytorch_elbo_and_iwae(runtime, trained_run, real_x):
         log_qz = torch.distributions.Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(2)
         elbo_score = (-log_px).mean(0) + kl
         iwae_score = -(torch.logsumexp(log_px + log_pz - log_qz, 0) - math.log(num_samples))
-    np.testing.assert_allclose(runtime.score(real_x, num_samples, "elbo", seed), elbo_score.numpy(), rtol=2e-4)
-    np.testing.assert_allclose(runtime.score(real_x, num_samples, "iwae", seed), iwae_score.numpy(), rtol=2e-4)
+    direct = Direct(runtime)
+    np.testing.assert_allclose(direct.run(ops.score, real_x, num_samples, "elbo", seed).scores, elbo_score.numpy(),
+                               rtol=2e-4)
+    np.testing.assert_allclose(direct.run(ops.score, real_x, num_samples, "iwae", seed).scores, iwae_score.numpy(),
+                               rtol=2e-4)
     # the importance-weighted bound is the tighter one
-    assert runtime.score(real_x, 64, "iwae", 0).mean() < runtime.score(real_x, 64, "elbo", 0).mean()
+    assert direct.run(ops.score, real_x, 64, "iwae", 0).scores.mean() < direct.run(ops.score, real_x, 64, "elbo", 0).scores.mean()
 
 
 def test_seeded_runs_are_reproducible_and_chunking_does_not_matter(exported_model, runtime, real_x):
     small = VAERuntime(exported_model, options=RuntimeOptions(providers=("CPUExecutionProvider",), batch_size=7))
-    a = runtime.sample(40, seed=5, temperature=0.8)
-    np.testing.assert_array_equal(a, runtime.sample(40, seed=5, temperature=0.8))
-    np.testing.assert_allclose(a, small.sample(40, seed=5, temperature=0.8), atol=1e-6)
-    assert np.abs(a - runtime.sample(40, seed=6, temperature=0.8)).max() > 0.1
+    a = Direct(runtime).run(ops.sample, 40, seed=5, temperature=0.8)
+    np.testing.assert_array_equal(a, Direct(runtime).run(ops.sample, 40, seed=5, temperature=0.8))
+    np.testing.assert_allclose(a, Direct(small).run(ops.sample, 40, seed=5, temperature=0.8), atol=1e-6)
+    assert np.abs(a - Direct(runtime).run(ops.sample, 40, seed=6, temperature=0.8)).max() > 0.1
     assert a.shape == (40, 1, 28, 28) and 0.0 <= a.min() and a.max() <= 1.0
-    np.testing.assert_array_equal(runtime.encode(real_x, sample=True, seed=1), runtime.encode(real_x, sample=True, seed=1))
-    np.testing.assert_allclose(runtime.score(real_x, 4, seed=2), small.score(real_x, 4, seed=2), rtol=1e-5)
+    np.testing.assert_array_equal(Direct(runtime).run(ops.encode, real_x).sample(1),
+                                  Direct(runtime).run(ops.encode, real_x).sample(1))
+    np.testing.assert_allclose(Direct(runtime).run(ops.score, real_x, 4, seed=2).scores,
+                               Direct(small).run(ops.score, real_x, 4, seed=2).scores, rtol=1e-5)
 
 
 def test_io_binding_gives_the_same_answers(exported_model, runtime, real_x):
     bound = VAERuntime(exported_model, options=RuntimeOptions(providers=("CPUExecutionProvider",), io_binding=True))
     assert bound.encoder.io_binding and not runtime.encoder.io_binding
-    np.testing.assert_allclose(bound.reconstruct(real_x), runtime.reconstruct(real_x), atol=1e-6)
+    np.testing.assert_allclose(Direct(bound).run(ops.reconstruct, real_x), Direct(runtime).run(ops.reconstruct, real_x),
+                               atol=1e-6)
 
 
 def test_reconstruct_is_closer_to_the_input_than_samples(runtime, real_x):
-    recon_error = np.abs(runtime.reconstruct(real_x) - real_x).mean()
-    sample_error = np.abs(runtime.sample(len(real_x), seed=0) - real_x).mean()
+    recon_error = np.abs(Direct(runtime).run(ops.reconstruct, real_x) - real_x).mean()
+    sample_error = np.abs(Direct(runtime).run(ops.sample, len(real_x), seed=0) - real_x).mean()
     assert recon_error < 0.6 * sample_error, (recon_error, sample_error)
 
 
 def test_interpolate_endpoints_are_the_reconstructions(runtime, real_x):
-    recon = runtime.reconstruct(real_x[:2])
+    recon = Direct(runtime).run(ops.reconstruct, real_x[:2])
     for mode in ("linear", "slerp"):
-        path = runtime.interpolate(real_x[0], real_x[1], steps=6, mode=mode)
+        path = Direct(runtime).run(ops.interpolate, real_x[:2], steps=6, mode=mode)
         assert path.shape == (6, 1, 28, 28) and 0.0 <= path.min() and path.max() <= 1.0
         np.testing.assert_allclose(path[[0, -1]], recon, atol=1e-5)
     with pytest.raises(ValueError, match="mode must be"):
-        runtime.interpolate(real_x[0], real_x[1], mode="cubic")
+        Direct(runtime).run(ops.interpolate, real_x[:2], mode="cubic")
 
 
 def test_slerp_keeps_the_norm_between_equal_norm_endpoints():
@@ -164,11 +171,11 @@ def test_slerp_keeps_the_norm_between_equal_norm_endpoints():
 
 
 def test_traverse_varies_only_the_chosen_dimension(runtime, real_x):
-    grid = runtime.traverse(real_x[0], dims=[0, 5], value_range=(-2.0, 2.0), steps=5)
+    grid = Direct(runtime).run(ops.traverse, real_x[0], dims=[0, 5], value_range=(-2.0, 2.0), steps=5)
     assert grid.shape == (2, 5, 1, 28, 28)
     assert np.abs(grid[:, 0] - grid[:, -1]).max() > 0.05  # moving along a dimension changes the image
     with pytest.raises(ValueError, match="latent dimensions must lie in"):
-        runtime.traverse(real_x[0], dims=[16])
+        Direct(runtime).run(ops.traverse, real_x[0], dims=[16])
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -181,14 +188,14 @@ def test_traverse_varies_only_the_chosen_dimension(runtime, real_x):
 ])
 def test_bad_images_are_named(runtime, bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        runtime.encode(bad)
+        Direct(runtime).run(ops.encode, bad)
 
 
 def test_bad_latents_are_named(runtime):
     with pytest.raises(ValueError, match=r"expected latents of shape \(B, 16\)"):
-        runtime.decode(np.zeros((2, 3), np.float32))
+        Direct(runtime).run(ops.decode, np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="NaN or Inf"):
-        runtime.decode(np.full((1, 16), np.inf, np.float32))
+        Direct(runtime).run(ops.decode, np.full((1, 16), np.inf, np.float32))
 
 
 def test_providers_only_use_a_gpu_that_exists():
@@ -232,11 +239,12 @@ def test_roc_auc_and_pca_match_sklearn():
 
 
 def test_complexity_correction_subtracts_the_png_code_length(runtime, real_x):
-    from serve.runtime import complexity_nats
+    from serve.ops import complexity_nats
 
-    plain, corrected = runtime.score(real_x, 2, seed=3), runtime.score(real_x, 2, seed=3, complexity="png")
+    plain = Direct(runtime).run(ops.score, real_x, 2, seed=3).scores
+    corrected = Direct(runtime).run(ops.score, real_x, 2, seed=3, complexity="png").scores
     np.testing.assert_allclose(plain - corrected, complexity_nats(real_x))
     blank, noise = np.zeros((1, 1, 28, 28), np.float32), np.random.default_rng(0).random((1, 1, 28, 28), np.float32)
     assert complexity_nats(blank)[0] < 0.2 * complexity_nats(noise)[0]  # a flat image compresses far better
     with pytest.raises(ValueError, match="complexity must be one of"):
-        runtime.score(real_x, complexity="zip")
+        Direct(runtime).run(ops.score, real_x, complexity="zip")

@@ -24,7 +24,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from serve.json_limits import JsonLimits, JsonTooComplex, check_json_structure
-from serve.model_spec import ModelDirError
+from export.model_card import ModelDirError
+from serve import ops
+from serve.ops import Direct
 from serve.runtime import NonFiniteOutput, VAERuntime
 from tests.conftest import REPO, VENV_BIN, subprocess_env
 from tests.test_serve_http import Server, post
@@ -122,7 +124,7 @@ def test_non_finite_outputs_are_a_500_with_a_message_and_a_metric_never_null_pix
     model = nan_model(exported_model, tmp_path, offset=100.0)  # finite near the prior, NaN for z < -100
     runtime = VAERuntime(model)
     with pytest.raises(NonFiniteOutput, match="holds NaN or Inf in 1 of 2 rows"):
-        runtime.decode(np.array([[0.0] * 16, [-150.0] * 16], np.float32))
+        Direct(runtime).run(ops.decode, np.array([[0.0] * 16, [-150.0] * 16], np.float32))
     server = Server(model)
     try:
         assert httpx.get(f"{server.url}/readyz").json()["status"] == "ready"
@@ -163,7 +165,7 @@ def test_the_cli_refuses_an_image_far_larger_than_the_model_from_its_header(expo
     (tmp_path / "bomb.png").write_bytes(png_bomb)
     runtime = VAERuntime(exported_model)
     with pytest.raises(ValueError, match=r"declares 4000x4000 pixels, more than the 3,136 allowed"):
-        runtime.image_from_bytes(png_bomb)
+        ops.image_from_bytes(runtime.card, png_bomb)
     assert main(["score", "--model", str(exported_model), "--input", str(tmp_path / "bomb.png"),
                  "--out", str(tmp_path / "scores.csv")]) == 1
     assert not (tmp_path / "scores.csv").exists()

@@ -1,9 +1,13 @@
-"""model.json, read once and checked: the one place serve learns what an exported model directory declares.
+"""The model card: model.json beside the ONNX files, the one place its name is spelled and its contents read.
+
+Torch-, onnx- and MLflow-free, so export's tools and the torch-free `serve/` read it alike (serve may import
+export, never the other way). `read_model_json` gives the raw dict (export's tools, which add to it);
+`read_model_card` gives the typed, checked card serve runs from.
 
 A model directory is untrusted input (a registry download, another team's export): every value is
 type-checked and bounded before anything is allocated from it, file names must be plain names inside
 the directory, and every problem is reported at once. `serve.runtime` then checks the ONNX graphs
-against this spec and runs them once before it answers anything.
+against this card and runs them once before it answers anything.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.likelihoods import LIKELIHOODS
-
 METADATA_FILE = "model.json"
+# The likelihood layouts the decoder's `params` output can have (serve.likelihoods computes each), with the
+# channels of `params` per image channel.
+PARAMS_PER_CHANNEL = {"bernoulli": 1, "gaussian": 1, "gaussian_learned": 2, "discretized_logistic": 2}
 MAX_LATENT_DIM = 65_536
 """Largest latent size served; anything bigger is a corrupt or hostile model.json (1e9 would allocate GiBs)."""
 MAX_IMAGE_SIDE = 8_192
@@ -37,7 +42,7 @@ class GraphFiles:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelCard:
     """What model.json declares, checked."""
 
     model_dir: Path
@@ -46,7 +51,7 @@ class ModelSpec:
     image_shape: tuple[int, int, int]
     """(C, H, W) of the images the encoder takes and the decoder emits."""
     likelihood: str
-    """One of serve.likelihoods.LIKELIHOODS."""
+    """One of PARAMS_PER_CHANNEL's names."""
     likelihood_params: dict[str, float]
     """Constants of p(x|z) (e.g. a fixed Gaussian sigma), finite numbers."""
     variants: dict[str, GraphFiles]
@@ -106,10 +111,14 @@ def _likelihood_params(name: str, params, problems: list[str]) -> dict[str, floa
     return {key: float(value) for key, value in params.items() if _is_number(value)}
 
 
-def read_model_spec(model_dir: str | Path) -> ModelSpec:
-    """model.json of `model_dir`, checked; raises ModelDirError naming every problem."""
-    model_dir = Path(model_dir)
-    path = model_dir / METADATA_FILE
+def has_model_card(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / METADATA_FILE).is_file()
+
+
+def read_model_json(model_dir: str | Path) -> dict:
+    """model.json of `model_dir` as a dict; a directory without one, or a file that is no JSON object, is a
+    clear error."""
+    path = Path(model_dir) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no {METADATA_FILE}: export a model with `python -m export`")
     try:
@@ -118,6 +127,14 @@ def read_model_spec(model_dir: str | Path) -> ModelSpec:
         raise ModelDirError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(metadata, dict):
         raise ModelDirError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
+    return metadata
+
+
+def read_model_card(model_dir: str | Path) -> ModelCard:
+    """model.json of `model_dir`, checked; raises ModelDirError naming every problem."""
+    model_dir = Path(model_dir)
+    path = model_dir / METADATA_FILE
+    metadata = read_model_json(model_dir)
     problems: list[str] = []
 
     latent_dim = metadata.get("latent_dim")
@@ -129,8 +146,8 @@ def read_model_spec(model_dir: str | Path) -> ModelSpec:
         problems.append(f"image_shape: expected [C, H, W] with C in {IMAGE_CHANNELS} and H, W integers in "
                         f"[1, {MAX_IMAGE_SIDE}], got {image_shape!r}")
     likelihood = metadata.get("likelihood", "bernoulli")
-    if likelihood not in LIKELIHOODS:
-        problems.append(f"likelihood: expected one of {sorted(LIKELIHOODS)}, got {likelihood!r}")
+    if likelihood not in PARAMS_PER_CHANNEL:
+        problems.append(f"likelihood: expected one of {sorted(PARAMS_PER_CHANNEL)}, got {likelihood!r}")
     params = _likelihood_params(likelihood, metadata.get("likelihood_params"), problems)
 
     variants: dict[str, GraphFiles] = {}
@@ -151,4 +168,4 @@ def read_model_spec(model_dir: str | Path) -> ModelSpec:
 
     if problems:
         raise ModelDirError(f"{path} does not describe a model serve can run:\n  - " + "\n  - ".join(problems))
-    return ModelSpec(model_dir, latent_dim, tuple(image_shape), likelihood, params, variants, metadata)
+    return ModelCard(model_dir, latent_dim, tuple(image_shape), likelihood, params, variants, metadata)
