@@ -75,13 +75,17 @@ def start_server(model: str, mode: str, providers: str) -> tuple[subprocess.Pope
         command = ["-m", "serve", "http", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--log-level",
                    "warning", "--max-queue", "1024", "--providers", providers, *mode_flags(mode)]
         ready_path, timeout_s = "/readyz", 120
+    # LitServe's log goes to a file (its shutdown prints tracebacks for requests wrk left open), shown if it fails
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-load-{mode}-", suffix=".log") if mode == PEER else None
     # a session of its own: LitServe's worker processes outlive a signal to the parent alone
-    process = subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, start_new_session=True)
+    process = subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, start_new_session=True,
+                               stdout=log, stderr=subprocess.STDOUT if log else None)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{mode} server exited with {process.returncode}")
+            tail = Path(log.name).read_text()[-3000:] if log else ""
+            raise RuntimeError(f"{mode} server exited with {process.returncode}\n{tail}")
         try:
             if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                 return process, url
