@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="onnxruntime intra-op threads sleep instead of spinning (helps on a shared CPU; "
                              "pair with OMP_WAIT_POLICY=PASSIVE for torch)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "inference.json"))
+    parser.add_argument("--keep-model", default=None, metavar="DIR",
+                        help="also keep the export it measured (model.json, ONNX files) in DIR, for the other bench "
+                             "scripts (scripts/gpu-check.sh)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
     torch.set_num_threads(args.threads)
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         images = np.random.default_rng(0).random((256, *shape), dtype=np.float32)  # speed only
         export_verified(model, config, state, work / "model", images, precisions=("fp32", "fp16"),
                         batch_sizes=(1, 7, 64))
+        if args.keep_model:
+            shutil.copytree(work / "model", args.keep_model, dirs_exist_ok=True)
         runners = build_runners(model, work / "model", work, args.threads, spin=not args.no_spin)
         flops = flops_per_image(model)
         peak = {"cpu": peak_gflops("cpu")}

@@ -12,8 +12,11 @@ samples/s, client-side p50/p99 latency and server and client CPU per request.
 
 For /v1/sample, two in-process figures bound what batching can give on this device, HTTP aside:
 the decoder alone at batch 1 vs batch 64, and the service's own DynamicBatcher driven by C
-coroutines with no HTTP at all (dynamic vs batch 1). Prints a table and writes
-bench/results/serve_load.json. Only 127.0.0.1 is used.
+coroutines with no HTTP at all (dynamic vs batch 1), measured at each client count: the ceiling the
+HTTP figure is set against (HTTP/ceiling). Beside our service, the same clients load a peer: LitServe
+(`pip install litserve`; bench/litserve_peer.py) on the same decoder.onnx with its own dynamic batching
+at the same (max batch size, max delay), at its best (pre-serialised orjson answers); `--no-litserve`
+leaves it out. Prints a table and writes bench/results/serve_load.json. Only 127.0.0.1 is used.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 import aiohttp
@@ -43,6 +47,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 # (max batch size, max queue delay in ms) of each mode: the server's flags and the in-process batcher alike
 MODES = {"dynamic": (64, 2.0), "batch1": (1, 0.0)}
+PEER = "litserve"  # LitServe at MODES["dynamic"]: bench/litserve_peer.py
 
 
 def mode_flags(mode: str) -> list[str]:
@@ -56,26 +61,60 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: str, extra: list[str], providers: str) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, mode: str, providers: str) -> tuple[subprocess.Popen, str]:
+    """Our service (`python -m serve http`) in `mode`, or the LitServe peer for mode "litserve"; ready."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("VAE_SERVE_TOKEN", None)
-    process = subprocess.Popen([sys.executable, "-m", "serve", "http", "--model", model, "--host", "127.0.0.1",
-                                "--port", str(port), "--log-level", "warning", "--max-queue", "1024",
-                                "--providers", providers, *extra], cwd=REPO, env=env)
+    if mode == PEER:
+        max_batch_size, max_queue_delay_ms = MODES["dynamic"]
+        command = [str(REPO / "bench" / "litserve_peer.py"), "--model", model, "--port", str(port), "--providers",
+                   providers, "--max-batch-size", str(max_batch_size), "--batch-timeout-ms", f"{max_queue_delay_ms:g}"]
+        ready_path, timeout_s = "/health", 300  # LitServe starts an API process and an inference worker
+    else:
+        command = ["-m", "serve", "http", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                   "warning", "--max-queue", "1024", "--providers", providers, *mode_flags(mode)]
+        ready_path, timeout_s = "/readyz", 120
+    # LitServe's log goes to a file (its shutdown prints tracebacks for requests wrk left open), shown if it fails
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-load-{mode}-", suffix=".log") if mode == PEER else None
+    # a session of its own: LitServe's worker processes outlive a signal to the parent alone
+    process = subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, start_new_session=True,
+                               stdout=log, stderr=subprocess.STDOUT if log else None)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
+            tail = Path(log.name).read_text()[-3000:] if log else ""
+            raise RuntimeError(f"{mode} server exited with {process.returncode}\n{tail}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                 return process, url
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server not ready in 120 s")
+    stop_server(process)
+    raise RuntimeError(f"{mode} server not ready in {timeout_s} s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole process group, SIGKILL after 60 s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def tree_cpu_s(process: psutil.Process) -> float:
+    """User + system CPU seconds of `process` and its live children (LitServe's workers)."""
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += sum(member.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 @dataclass(frozen=True)
@@ -176,6 +215,7 @@ def batcher_ceiling(model: str, providers: str, clients: int, seconds: float = 4
     from concurrent.futures import ThreadPoolExecutor
 
     from serve.batching import BatchingOptions, DynamicBatcher
+    from serve.ops import prior_latents
     from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
 
     runtime = VAERuntime(model, options=RuntimeOptions(providers=parse_providers(providers), spinning=False))
@@ -190,7 +230,7 @@ def batcher_ceiling(model: str, providers: str, clients: int, seconds: float = 4
         async def client(index: int) -> None:
             nonlocal count
             while time.perf_counter() < stop_at:
-                await batcher.submit(runtime.sample_latents(1, index * 10**6 + count))
+                await batcher.submit(prior_latents(runtime.card, 1, index * 10**6 + count))
                 count += 1
 
         cpu, started = time.process_time(), time.perf_counter()
@@ -229,6 +269,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="exported model directory")
     parser.add_argument("--clients", default="32,128", help="concurrency levels")
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per (mode, clients)")
+    parser.add_argument("--ceiling-seconds", type=float, default=4.0,
+                        help="measurement time of each in-process ceiling (per mode and client count)")
     parser.add_argument("--max-requests", type=int, default=2000, help="cap on requests per aiohttp client")
     parser.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto",
                         help="load generator (auto: wrk when installed, else aiohttp)")
@@ -236,32 +278,42 @@ def main() -> None:
                         help="sample: /v1/sample n=1 per request; encode: --images real digits per /v1/encode")
     parser.add_argument("--images", type=int, default=16, help="digits per /v1/encode request")
     parser.add_argument("--providers", default="tensorrt,cuda,cpu", help="execution providers for the server")
+    parser.add_argument("--no-litserve", action="store_true", help="leave the LitServe peer out (sample only)")
     parser.add_argument("--out", default="bench/results/serve_load.json", help="JSON results")
     args = parser.parse_args()
 
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     if client == "wrk" and not shutil.which("wrk"):
         parser.error("--client wrk: wrk is not installed (apt-get install wrk)")
-    ceiling = batcher = None
+    client_counts = [int(c) for c in args.clients.split(",")]
+    modes = list(MODES)
+    ceiling, batchers = None, {}
     if args.endpoint == "sample":
         load = Load()
-        ceiling = device_ceiling(args.model, args.providers)
+        if args.no_litserve:
+            pass
+        elif find_spec("litserve") is None:
+            print("LitServe: not installed (pip install litserve): the peer is left out", flush=True)
+        else:
+            modes.append(PEER)
+        ceiling = device_ceiling(args.model, args.providers, min(2.0, args.ceiling_seconds))
         print(f"device only ({ceiling['provider']}): decoder {ceiling['rows_per_s_batch1']:,.0f} rows/s at batch 1, "
               f"{ceiling['rows_per_s_batch64']:,.0f} at batch 64 ({ceiling['ratio']:.1f}x)", flush=True)
-        batcher = batcher_ceiling(args.model, args.providers, int(args.clients.split(",")[0]))
-        print(f"batcher only, {batcher['clients']} coroutines, no HTTP: dynamic "
-              f"{batcher['dynamic']['requests_per_s']:,.0f} requests/s, batch 1 "
-              f"{batcher['batch1']['requests_per_s']:,.0f} ({batcher['ratio']:.2f}x)", flush=True)
+        for clients in client_counts:
+            batchers[clients] = batcher = batcher_ceiling(args.model, args.providers, clients, args.ceiling_seconds)
+            print(f"batcher only, {clients} coroutines, no HTTP: dynamic {batcher['dynamic']['requests_per_s']:,.0f} "
+                  f"requests/s, batch 1 {batcher['batch1']['requests_per_s']:,.0f} ({batcher['ratio']:.2f}x)",
+                  flush=True)
     else:
         load = encode_load(args.images, Path(tempfile.mkdtemp(prefix="serve-load-")))
     rows = []
-    for mode in MODES:
-        process, url = start_server(args.model, mode_flags(mode), args.providers)
+    for mode in modes:
+        process, url = start_server(args.model, mode, args.providers)
         try:
-            provider = httpx.get(f"{url}/readyz").json()["provider"]
+            provider = httpx.get(f"{url}/readyz").json()["provider"] if mode != PEER else ceiling["provider"]
             server = psutil.Process(process.pid)
-            for clients in (int(c) for c in args.clients.split(",")):
-                cpu_before = sum(server.cpu_times()[:2])
+            for clients in client_counts:
+                cpu_before = tree_cpu_s(server)
                 if client == "wrk":
                     row = run_wrk(url, clients, args.seconds, load)
                 else:
@@ -269,7 +321,7 @@ def main() -> None:
                     row = asyncio.run(run_clients(url, clients, args.seconds, args.max_requests, load))
                     row["client_cpu_ms_per_request"] = (time.process_time() - own_cpu) * 1000 / max(row["requests"], 1)
                 # CPU the server spent per answered request (warm-up included): steadier than rates
-                row["server_cpu_ms_per_request"] = (sum(server.cpu_times()[:2]) - cpu_before) * 1000 / max(
+                row["server_cpu_ms_per_request"] = (tree_cpu_s(server) - cpu_before) * 1000 / max(
                     row["requests"] + clients, 1)
                 rows.append({"mode": mode, "provider": provider, "client": client, **row})
                 print(f"{mode:<8} {clients:>4} clients: {row['samples_per_s']:8,.0f} samples/s  "
@@ -277,23 +329,35 @@ def main() -> None:
                       f"CPU/request server {row['server_cpu_ms_per_request']:.2f} ms, "
                       f"{client} {row['client_cpu_ms_per_request']:.2f} ms  errors {row['errors']}", flush=True)
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+            stop_server(process)
 
     print(f"\nload {os.getloadavg()[0]:.2f}; {args.seconds:.0f} s per cell; {load.describe()}; clients: {client}")
-    print(f"{'clients':>8}{'dynamic/s':>12}{'batch1/s':>11}{'ratio':>7}{'p99 dyn':>10}{'p99 b1':>9}")
     by = {(r["mode"], r["clients"]): r for r in rows}
-    ratios = {}
-    for clients in sorted({r["clients"] for r in rows}):
+    peer = PEER in modes
+    print(f"{'clients':>8}{'dynamic/s':>12}{'batch1/s':>11}{'ratio':>7}{'p99 dyn':>10}{'p99 b1':>9}"
+          + (f"{'litserve/s':>12}{'ours/lit':>10}{'p99 lit':>9}" if peer else "")
+          + (f"{'ceiling/s':>11}{'http/ceil':>11}" if batchers else ""))
+    ratios, peer_ratios, ceiling_ratios = {}, {}, {}
+    for clients in client_counts:
         dynamic, single = by[("dynamic", clients)], by[("batch1", clients)]
         ratios[clients] = dynamic["samples_per_s"] / single["samples_per_s"]
-        print(f"{clients:>8}{dynamic['samples_per_s']:>12,.0f}{single['samples_per_s']:>11,.0f}{ratios[clients]:>7.2f}"
-              f"{dynamic['p99_ms']:>10.1f}{single['p99_ms']:>9.1f}")
+        line = (f"{clients:>8}{dynamic['samples_per_s']:>12,.0f}{single['samples_per_s']:>11,.0f}{ratios[clients]:>7.2f}"
+                f"{dynamic['p99_ms']:>10.1f}{single['p99_ms']:>9.1f}")
+        if peer:
+            other = by[(PEER, clients)]
+            peer_ratios[clients] = dynamic["samples_per_s"] / other["samples_per_s"]
+            line += f"{other['samples_per_s']:>12,.0f}{peer_ratios[clients]:>10.2f}{other['p99_ms']:>9.1f}"
+        if batchers:
+            limit = batchers[clients]["dynamic"]["requests_per_s"]
+            ceiling_ratios[clients] = dynamic["samples_per_s"] / limit
+            line += f"{limit:>11,.0f}{ceiling_ratios[clients]:>11.2f}"
+        print(line)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_1min": os.getloadavg()[0], "seconds": args.seconds, "modes": MODES, "rows": rows,
-              "request": load.describe(),
-              "client": client, "throughput_ratio": ratios, "device_ceiling": ceiling, "batcher_ceiling": batcher}
+              "request": load.describe(), "client": client, "throughput_ratio": ratios,
+              "peer": {"name": PEER, "batching": MODES["dynamic"], "ours_over_peer": peer_ratios} if peer else None,
+              "device_ceiling": ceiling, "batcher_ceiling": batchers, "http_over_batcher_ceiling": ceiling_ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

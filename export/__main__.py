@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--tracking-uri", default=None,
                       help="MLflow tracking URI for --run and --register (default: $MLFLOW_TRACKING_URI)")
     onnx.add_argument("--register", metavar="NAME", default=None,
-                      help="also log the export to its training run and register it as NAME")
-    onnx.add_argument("--alias", default=None, help="with --register: point this alias at the new version")
+                      help="also log the export to its training run and register it as NAME (ONNX flavour) "
+                           "and NAME-pyfunc (encode, sample, score through onnxruntime)")
+    onnx.add_argument("--alias", default=None, help="with --register: point this alias at the new versions")
     _add_subcommands(commands, fmt)
     return parser
 
@@ -185,8 +186,8 @@ def export_main(args: argparse.Namespace) -> int:
     if args.register:
         from export.registry import register_export
 
-        version = register_export(result.out_dir, args.register, alias=args.alias, tracking_uri=args.tracking_uri)
-        print(f"registered models:/{args.register}/{version.version}")
+        registered = register_export(result.out_dir, args.register, alias=args.alias, tracking_uri=args.tracking_uri)
+        print(registered.describe())
     return 0
 
 
@@ -219,12 +220,13 @@ def _add_subcommands(commands, fmt) -> None:
 
     register = commands.add_parser(
         "register", formatter_class=fmt, help="log an export to its run and register it in MLflow",
-        description="Log an export to its training run and register it in the MLflow Model Registry (ONNX "
-                    "flavour, signature, input example).")
+        description="Log an export to its training run and register it in the MLflow Model Registry: NAME (ONNX "
+                    "flavour, signature, input example) and NAME-pyfunc (serve/pyfunc.py: encode, sample, score; "
+                    "`mlflow models serve -m models:/NAME-pyfunc@ALIAS`).")
     register.set_defaults(handler=run_register)
     register.add_argument("--model", required=True, help="exported model directory (model.json)")
     register.add_argument("--name", required=True, help="registered model name")
-    register.add_argument("--alias", default=None, help="point this alias at the new version")
+    register.add_argument("--alias", default=None, help="point this alias at the new versions")
     register.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
 
     resolve = commands.add_parser(
@@ -259,8 +261,8 @@ def run_triton(args: argparse.Namespace) -> int:
 def run_register(args: argparse.Namespace) -> int:
     from export.registry import register_export
 
-    version = register_export(args.model, args.name, alias=args.alias, tracking_uri=args.tracking_uri)
-    print(f"registered models:/{args.name}/{version.version} (run {version.run_id})")
+    registered = register_export(args.model, args.name, alias=args.alias, tracking_uri=args.tracking_uri)
+    print(f"{registered.describe()} (run {registered.onnx.run_id})")
     return 0
 
 

@@ -17,9 +17,12 @@ from export.model_card import METADATA_FILE, has_model_card
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))$")
 RUN_URI = re.compile(r"^runs:/[0-9a-zA-Z]+(/.*)?$")
-# Where a registered version keeps the export (`extra_files/`, export.registry) or a run logs it (`export/`).
+# Where a registered version keeps the export (`extra_files/` in NAME, `artifacts/model_dir/` in NAME-pyfunc:
+# export.registry) or a run logs it (`export/`).
 RUN_ARTIFACT_PATH = "export"
-EXPORT_SUBDIRS = ("", "extra_files", RUN_ARTIFACT_PATH)
+PYFUNC_ARTIFACT = "model_dir"
+"""The pyfunc's artifact key for the export directory (serve/pyfunc.py reads it, export.registry logs it)."""
+EXPORT_SUBDIRS = ("", "extra_files", RUN_ARTIFACT_PATH, f"artifacts/{PYFUNC_ARTIFACT}")
 CACHE_ENV = "VAE_SERVE_CACHE"
 """Downloads land in $VAE_SERVE_CACHE (default ~/.cache/vae-serve)/<hash of tracking URI and model URI>."""
 
