@@ -38,13 +38,15 @@ from pipeline.images import nhwc_to_nchw, to_unit_float  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
 from pipeline.sources import ImageSet, load_fashion_mnist, load_mnist5k  # noqa: E402
 from serve.analysis import roc_auc  # noqa: E402
-from serve.scores import ModelOutputs, Standardiser, base_scores, combine  # noqa: E402
+from serve.scores import Standardiser, base_scores, combine, model_outputs  # noqa: E402
 
 # Combinations of base scores, each standardised on training images: (name, scores, how, two-sided ones).
 COMBINED = (
     ("typicality", ("neg_elbo",), "sum", ("neg_elbo",)),
     ("png+mse", ("png_corrected", "recon_mse"), "sum", ()),
     ("max(png,mse)", ("png_corrected", "recon_mse"), "max", ()),
+    ("|png|+mse", ("png_corrected", "recon_mse"), "sum", ("png_corrected",)),
+    ("max(|png|,mse)", ("png_corrected", "recon_mse"), "max", ("png_corrected",)),
     ("local+mse", ("local_corrected", "recon_mse"), "sum", ()),
     ("excess+mse", ("bernoulli_excess", "recon_mse"), "sum", ()),
     ("typical+mse", ("neg_elbo", "recon_mse"), "sum", ("neg_elbo",)),
@@ -94,19 +96,10 @@ def train_and_export(train_images: np.ndarray, val_images: np.ndarray, work: Pat
     return work / "model"
 
 
-def model_outputs(runtime, x: np.ndarray, num_samples: int, seed: int = 0) -> ModelOutputs:
-    """Run the encoder once and the decoder at K posterior samples and at the posterior mean."""
-    from serve.runtime import latents_for_score, score_noise
-
-    mean, logvar = runtime.encode_raw(runtime.check_images(x))
-    eps = score_noise(len(x), num_samples, runtime.latent_dim, seed)
-    z = latents_for_score(mean, logvar, eps).reshape(-1, runtime.latent_dim)
-    return ModelOutputs(x, mean, logvar, eps, runtime.decode_params(z), runtime.decode_params(mean),
-                        runtime.decode(mean))
-
-
-def every_score(runtime, x: np.ndarray, x_fit: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
-    """Every base score and every combination for x, the combinations standardised on x_fit (training images)."""
+def every_score(runtime, x: np.ndarray, x_fit: np.ndarray, num_samples: int
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every base score and every combination for x, the combinations standardised on x_fit (training images);
+    and the base scores of x_fit."""
     from serve.runtime import complexity_nats
 
     def scores(images):
@@ -118,7 +111,15 @@ def every_score(runtime, x: np.ndarray, x_fit: np.ndarray, num_samples: int) -> 
     for name, members, how, two_sided in COMBINED:
         if all(m in result for m in members):
             result[name] = combine(standardiser, {m: result[m] for m in members}, how, two_sided)
-    return result
+    return result, fitted
+
+
+def save_scores(directory: str, name: str, scores: dict, fitted: dict, labels: np.ndarray) -> None:
+    """Every test score, the training images' base scores and the labels, to try new combinations offline."""
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(Path(directory) / f"{name}.npz", labels=labels, **{f"test/{k}": v for k, v in scores.items()},
+                            **{f"fit/{k}": v for k, v in fitted.items()})
 
 
 def pca_errors(x_train: np.ndarray, x_test: np.ndarray, components: float | int) -> tuple[np.ndarray, int]:
@@ -160,7 +161,7 @@ def one_class(c: int, args, train, test, work: Path) -> dict:
     x_normal, x_test = unit(normal), unit(x_test_all)
     fit = x_normal[np.random.default_rng(c).permutation(len(x_normal))[:args.fit_images]]
     started = time.monotonic()
-    scores = every_score(runtime, x_test, fit, args.samples)
+    scores, fitted = every_score(runtime, x_test, fit, args.samples)
     score_wall = time.monotonic() - started
     flat_train, flat_test = x_normal.reshape(len(x_normal), -1), x_test.reshape(len(x_test), -1)
     scores["pca"], num_components = pca_errors(flat_train, flat_test, args.pca_variance)
@@ -170,6 +171,7 @@ def one_class(c: int, args, train, test, work: Path) -> dict:
 
         torch.set_num_threads(args.threads)
         scores.update(pyod_scores(flat_train, flat_test))
+    save_scores(args.scores_out, f"class{c}", scores, fitted, y_test)
     anomalous = y_test != c
     return {"class": c, "auc": {name: round(roc_auc(s, anomalous), 4) for name, s in scores.items()},
             "pca_components": num_components, "train_wall_s": round(train_wall, 1),
@@ -216,7 +218,8 @@ def lane_args(args, lane: list[int], work: Path, index: int) -> list[str]:
     return ["--classes", ",".join(map(str, lane)), "--jobs", "1", "--threads", "1", "--lane", "--work", str(work),
             "--out", str(work / f"lane{index}.json"), "--train-s", str(args.train_s), "--samples", str(args.samples),
             "--fit-images", str(args.fit_images), "--pca-variance", str(args.pca_variance),
-            "--max-train", str(args.max_train), "--max-test", str(args.max_test), *(["--no-pyod"] * args.no_pyod)]
+            "--max-train", str(args.max_train), "--max-test", str(args.max_test), *(["--no-pyod"] * args.no_pyod),
+            *(["--scores-out", args.scores_out] if args.scores_out else [])]
 
 
 # ---------------------------------------------------------------- out-of-distribution and k-NN
@@ -239,12 +242,13 @@ def run_ood(args) -> int:
     x_out = unit(digits.images)
     fit = x_train[np.random.default_rng(0).permutation(len(x_train))[:args.fit_images]]
     t = time.monotonic()
-    scores = every_score(runtime, np.concatenate([x_in, x_out]), fit, args.samples)
+    scores, fitted = every_score(runtime, np.concatenate([x_in, x_out]), fit, args.samples)
     score_wall = time.monotonic() - t
     flat = x_train.reshape(len(x_train), -1)
     scores["pca"], num_components = pca_errors(flat, np.concatenate([x_in, x_out]).reshape(len(x_in) + len(x_out), -1),
                                                args.pca_variance)
     is_out = np.arange(len(x_in) + len(x_out)) >= len(x_in)
+    save_scores(args.scores_out, "ood", scores, fitted, is_out)
     auc = {name: round(roc_auc(s, is_out), 4) for name, s in scores.items()}
 
     # k-NN (k=5) on posterior means vs PCA to the same number of dimensions
@@ -313,6 +317,7 @@ def main() -> int:
         sub.add_argument("--max-test", type=int, default=0, help="use at most this many test images (0: all)")
         sub.add_argument("--out", default=out)
         sub.add_argument("--work", default="", help="scratch directory (default: a temporary one)")
+        sub.add_argument("--scores-out", default="", help="also save every score per image here (.npz per model)")
     one = commands.choices["one-class"]
     one.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
     one.add_argument("--jobs", type=int, default=2, help="classes trained at once, one thread each")

@@ -178,6 +178,17 @@ class ModelOutputs:
     mean_image: np.ndarray    # decoder image mean at z = mean, (B, C, H, W)
 
 
+def model_outputs(runtime, x: np.ndarray, num_samples: int, seed: int = 0) -> ModelOutputs:
+    """Run the encoder once and the decoder at K posterior samples and at the posterior mean."""
+    from serve.runtime import latents_for_score, score_noise  # serve.runtime imports onnxruntime: only here
+
+    mean, logvar = runtime.encode_raw(runtime.check_images(x))
+    eps = score_noise(len(x), num_samples, runtime.latent_dim, seed)
+    z = latents_for_score(mean, logvar, eps).reshape(-1, runtime.latent_dim)
+    return ModelOutputs(x, mean, logvar, eps, runtime.decode_params(z), runtime.decode_params(mean),
+                        runtime.decode(mean))
+
+
 def base_scores(outputs: ModelOutputs, likelihood: str, likelihood_params: dict,
                 png_nats: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every single score for each image {name: (B,)}, higher = more anomalous (see the README table)."""
