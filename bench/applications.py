@@ -77,17 +77,19 @@ def fashion(max_train: int, max_test: int, seed: int = 0):
 
 
 def train_and_export(train_images: np.ndarray, val_images: np.ndarray, work: Path, train_s: float, threads: int,
-                     extra_flags: tuple[str, ...] = ()) -> Path:
-    """Shards from uint8 NHWC images, `python -m train` for `train_s` seconds, `python -m export`: the model dir."""
+                     train_steps: int = 0) -> Path:
+    """Shards from uint8 NHWC images, `python -m train` for `train_s` seconds (or `train_steps` steps),
+    `python -m export`: the model directory."""
     images = np.concatenate([train_images, val_images])
     val_mask = np.arange(len(images)) >= len(train_images)
     write_shards(ImageSet("bench-applications", images, np.zeros(len(images), np.int64), ("x",), val_mask),
                  work / "shards", samples_per_shard=2000, force=True, progress=False, layout="block")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    flags = [f"--data.shards={work / 'shards'}", f"--run.out_dir={work / 'run'}", "--run.max_steps=0",
-             f"--run.max_time_s={train_s}", "--run.final_iwae_samples=0", "--run.eval_interval_steps=1000000",
-             "--run.checkpoint_interval_steps=1000000", "--run.system_metrics=false", "--data.num_workers=0",
-             f"--run.tracking_uri=sqlite:///{work}/mlflow.db", "--run.experiment=bench-applications", *extra_flags]
+    flags = [f"--data.shards={work / 'shards'}", f"--run.out_dir={work / 'run'}", f"--run.max_steps={train_steps}",
+             f"--run.max_time_s={0 if train_steps else train_s}", "--run.final_iwae_samples=0",
+             "--run.eval_interval_steps=1000000", "--run.checkpoint_interval_steps=1000000",
+             "--run.system_metrics=false", "--data.num_workers=0",
+             f"--run.tracking_uri=sqlite:///{work}/mlflow.db", "--run.experiment=bench-applications"]
     for command in ([sys.executable, "-m", "train", *flags],
                     [sys.executable, "-m", "export", "--checkpoint", str(work / "run"), "--out", str(work / "model")]):
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -118,8 +120,8 @@ def save_scores(directory: str, name: str, scores: dict, fitted: dict, labels: n
     """Every test score, the training images' base scores and the labels, to try new combinations offline."""
     if directory:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(Path(directory) / f"{name}.npz", labels=labels, **{f"test/{k}": v for k, v in scores.items()},
-                            **{f"fit/{k}": v for k, v in fitted.items()})
+        np.savez_compressed(Path(directory) / f"{name}.npz", labels=labels,
+                            **{f"test/{k}": v for k, v in scores.items()}, **{f"fit/{k}": v for k, v in fitted.items()})
 
 
 def pca_errors(x_train: np.ndarray, x_test: np.ndarray, components: float | int) -> tuple[np.ndarray, int]:
@@ -155,7 +157,8 @@ def one_class(c: int, args, train, test, work: Path) -> dict:
     (x_train_all, y_train), (x_test_all, y_test) = train, test
     normal = x_train_all[y_train == c]
     started = time.monotonic()
-    model_dir = train_and_export(normal, x_test_all[y_test == c], work / f"class{c}", args.train_s, args.threads)
+    model_dir = train_and_export(normal, x_test_all[y_test == c], work / f"class{c}", args.train_s, args.threads,
+                                 args.train_steps)
     train_wall = time.monotonic() - started
     runtime = open_runtime(model_dir, args.threads)
     x_normal, x_test = unit(normal), unit(x_test_all)
@@ -216,7 +219,8 @@ def run_one_class(args) -> int:
 
 def lane_args(args, lane: list[int], work: Path, index: int) -> list[str]:
     return ["--classes", ",".join(map(str, lane)), "--jobs", "1", "--threads", "1", "--lane", "--work", str(work),
-            "--out", str(work / f"lane{index}.json"), "--train-s", str(args.train_s), "--samples", str(args.samples),
+            "--out", str(work / f"lane{index}.json"), "--train-s", str(args.train_s),
+            "--train-steps", str(args.train_steps), "--samples", str(args.samples),
             "--fit-images", str(args.fit_images), "--pca-variance", str(args.pca_variance),
             "--max-train", str(args.max_train), "--max-test", str(args.max_test), *(["--no-pyod"] * args.no_pyod),
             *(["--scores-out", args.scores_out] if args.scores_out else [])]
@@ -234,7 +238,8 @@ def run_ood(args) -> int:
     load_before, started = load(), time.monotonic()
     model_dir, train_wall = Path(args.model) if args.model else None, 0.0
     if model_dir is None:
-        model_dir = train_and_export(train_images, test_images, work / "fashion", args.train_s, args.threads)
+        model_dir = train_and_export(train_images, test_images, work / "fashion", args.train_s, args.threads,
+                                     args.train_steps)
         train_wall = time.monotonic() - started
     runtime = open_runtime(model_dir, args.threads)
     x_train, x_in = unit(train_images), unit(test_images)
@@ -242,23 +247,22 @@ def run_ood(args) -> int:
     x_out = unit(digits.images)
     fit = x_train[np.random.default_rng(0).permutation(len(x_train))[:args.fit_images]]
     t = time.monotonic()
-    scores, fitted = every_score(runtime, np.concatenate([x_in, x_out]), fit, args.samples)
+    x_all = np.concatenate([x_in, x_out])
+    scores, fitted = every_score(runtime, x_all, fit, args.samples)
     score_wall = time.monotonic() - t
     flat = x_train.reshape(len(x_train), -1)
-    scores["pca"], num_components = pca_errors(flat, np.concatenate([x_in, x_out]).reshape(len(x_in) + len(x_out), -1),
-                                               args.pca_variance)
-    is_out = np.arange(len(x_in) + len(x_out)) >= len(x_in)
+    scores["pca"], num_components = pca_errors(flat, x_all.reshape(len(x_all), -1), args.pca_variance)
+    is_out = np.arange(len(x_all)) >= len(x_in)
     save_scores(args.scores_out, "ood", scores, fitted, is_out)
     auc = {name: round(roc_auc(s, is_out), 4) for name, s in scores.items()}
 
     # k-NN (k=5) on posterior means vs PCA to the same number of dimensions
     z_train, z_test = runtime.encode(x_train)[0], runtime.encode(x_in)[0]
     pixels_pca = PCA(n_components=runtime.latent_dim, random_state=0).fit(flat)
+    pca_train, pca_test = pixels_pca.transform(flat), pixels_pca.transform(x_in.reshape(len(x_in), -1))
     accuracy = {}
-    for name, (features_train, features_test) in {
-            "vae_latent_mean": (z_train, z_test),
-            f"pca_{runtime.latent_dim}": (pixels_pca.transform(flat), pixels_pca.transform(x_in.reshape(len(x_in), -1))),
-    }.items():
+    for name, (features_train, features_test) in {"vae_latent_mean": (z_train, z_test),
+                                                   f"pca_{runtime.latent_dim}": (pca_train, pca_test)}.items():
         knn = KNeighborsClassifier(n_neighbors=5, n_jobs=args.threads).fit(features_train, y_train)
         accuracy[name] = round(float((knn.predict(features_test) == y_test).mean()), 4)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -308,6 +312,7 @@ def main() -> int:
         sub = commands.add_parser(name)
         sub.set_defaults(handler=handler)
         sub.add_argument("--train-s", type=float, default=train_s, help="training seconds per model")
+        sub.add_argument("--train-steps", type=int, default=0, help="train this many steps instead (0: --train-s)")
         sub.add_argument("--samples", type=int, default=4, help="posterior samples K for the ELBO and IWAE scores")
         sub.add_argument("--fit-images", type=int, default=2000,
                          help="training images the z-score combinations are standardised on")
