@@ -1,0 +1,132 @@
+"""serve/scores.py's candidate anomaly scores against independent computations (torch, scipy, sklearn, loops)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sklearn.preprocessing import StandardScaler
+
+from serve.likelihoods import negative_log_likelihood
+from serve.runtime import RuntimeOptions, VAERuntime, complexity_nats
+from serve.scores import (ACTIVITY_EDGES, MIN_LAPLACE_SCALE, ModelOutputs, Standardiser, base_scores,
+                          bernoulli_entropy, combine, kl_to_prior, latent_norm, local_predictor_nats,
+                          med_prediction, model_outputs, squared_error)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist5k) -> np.ndarray:
+    """24 real digits as (B, 1, 28, 28) floats in [0, 1], two of each class and four more."""
+    picks = np.concatenate([np.flatnonzero(mnist5k.labels == c)[:2] for c in range(10)] + [np.arange(300, 304)])
+    return (mnist5k.images[picks].transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+
+
+def test_kl_to_prior_matches_torch_distributions():
+    rng = np.random.default_rng(0)
+    mean, logvar = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
+    posterior = torch.distributions.Normal(torch.tensor(mean), torch.tensor(np.exp(0.5 * logvar)))
+    prior = torch.distributions.Normal(torch.zeros(5, 7, dtype=torch.float64), torch.ones(5, 7, dtype=torch.float64))
+    expected = torch.distributions.kl_divergence(posterior, prior).sum(dim=1).numpy()
+    np.testing.assert_allclose(kl_to_prior(mean, logvar), expected, rtol=1e-12)
+    np.testing.assert_allclose(latent_norm(mean), [np.sqrt(sum(v * v for v in row)) for row in mean], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"\(B, latent\)"):
+        kl_to_prior(mean, logvar[:, :3])
+
+
+def test_squared_error_is_sklearns_mean_squared_error_times_pixels(digits):
+    from sklearn.metrics import mean_squared_error
+
+    noisy = np.clip(digits + np.random.default_rng(1).normal(0, 0.1, digits.shape), 0, 1)
+    expected = [mean_squared_error(a.ravel(), b.ravel()) * a.size for a, b in zip(digits, noisy)]
+    np.testing.assert_allclose(squared_error(digits, noisy), expected, rtol=1e-9)
+    with pytest.raises(ValueError, match="differ in shape"):
+        squared_error(digits, noisy[:, :, :27])
+
+
+def test_bernoulli_entropy_is_scipys_and_the_floor_of_the_bernoulli_likelihood(digits):
+    expected = [sum(stats.bernoulli(p).entropy() for p in image.ravel().astype(np.float64)) for image in digits[:3]]
+    np.testing.assert_allclose(bernoulli_entropy(digits[:3]), expected, rtol=1e-9)
+    # a decoder that outputs p = x exactly reaches the floor; any other p costs more
+    x = np.clip(digits.astype(np.float64), 1e-6, 1 - 1e-6)
+    logits = np.log(x) - np.log1p(-x)
+    np.testing.assert_allclose(negative_log_likelihood("bernoulli", logits, x), bernoulli_entropy(x), rtol=1e-6)
+    assert (negative_log_likelihood("bernoulli", logits + 0.3, x) > bernoulli_entropy(x)).all()
+
+
+def med_loop(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """JPEG-LS's median edge detector written out pixel by pixel (0 outside the image)."""
+    height, width = image.shape
+    at = lambda r, c: int(image[r, c]) if 0 <= r < height and 0 <= c < width else 0  # noqa: E731
+    prediction, activity = np.zeros((height, width), int), np.zeros((height, width), int)
+    for r in range(height):
+        for c in range(width):
+            a, b, cc, d = at(r, c - 1), at(r - 1, c), at(r - 1, c - 1), at(r - 1, c + 1)
+            prediction[r, c] = min(a, b) if cc >= max(a, b) else max(a, b) if cc <= min(a, b) else a + b - cc
+            activity[r, c] = abs(a - cc) + abs(b - cc) + abs(cc - d)
+    return prediction, activity
+
+
+def test_local_predictor_matches_a_pixel_loop_and_scipys_laplace(digits):
+    pixels = np.rint(digits[:2] * 255.0)
+    prediction, activity = med_prediction(pixels)
+    for image, p, a in zip(pixels, prediction, activity):
+        expected_p, expected_a = med_loop(image[0])
+        np.testing.assert_array_equal(p[0], expected_p)
+        np.testing.assert_array_equal(a[0], expected_a)
+    for image, nats in zip(pixels, local_predictor_nats(digits[:2])):
+        expected_p, expected_a = med_loop(image[0])
+        residual, context = (image[0] - expected_p).ravel(), np.digitize(expected_a, ACTIVITY_EDGES).ravel()
+        total = 0.0
+        for k in np.unique(context):
+            r = residual[context == k]
+            laplace = stats.laplace(scale=max(np.abs(r).mean(), MIN_LAPLACE_SCALE))
+            n = np.abs(r[r != 0])  # P(r = n) = sf(n - 1/2) - sf(n + 1/2), in logs: far tails underflow otherwise
+            upper, lower = laplace.logsf(n - 0.5), laplace.logsf(n + 0.5)
+            total -= (upper + np.log1p(-np.exp(lower - upper))).sum()
+            total -= (r == 0).sum() * np.log(laplace.cdf(0.5) - laplace.cdf(-0.5))
+        assert nats == pytest.approx(total, rel=1e-9)
+    # a flat image costs less than a digit, noise more
+    flat = np.full((1, 1, 28, 28), 0.5, np.float32)
+    noise = np.random.default_rng(0).random((1, 1, 28, 28)).astype(np.float32)
+    assert local_predictor_nats(flat)[0] < local_predictor_nats(digits[:1])[0] < local_predictor_nats(noise)[0]
+
+
+def test_standardiser_matches_sklearn_and_round_trips_json():
+    rng = np.random.default_rng(2)
+    train = {"a": rng.normal(3, 2, 200), "b": rng.normal(-1, 0.5, 200)}
+    fitted = Standardiser.fit(train)
+    new = {"a": rng.normal(3, 2, 10), "b": rng.normal(-1, 0.5, 10)}
+    scaler = StandardScaler().fit(np.stack([train["a"], train["b"]], axis=1))
+    expected = scaler.transform(np.stack([new["a"], new["b"]], axis=1))
+    np.testing.assert_allclose(fitted.z("a", new["a"]), expected[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(combine(fitted, new, "sum"), expected.sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(combine(fitted, new, "max"), expected.max(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(combine(fitted, new, "sum", two_sided=("a",)),
+                               np.abs(expected[:, 0]) + expected[:, 1], rtol=1e-12)
+    assert Standardiser.from_json(fitted.to_json()) == fitted
+    with pytest.raises(ValueError, match=r"\['c'\] do not vary"):
+        Standardiser.fit({"c": np.ones(5)})
+    with pytest.raises(KeyError, match="no fitted statistics for score 'd'"):
+        fitted.z("d", new["a"])
+    with pytest.raises(ValueError, match="combination must be one of"):
+        combine(fitted, new, "mean")
+
+
+def test_base_scores_from_a_real_model_agree_with_the_runtimes_own_scores(exported_model, digits):
+    runtime = VAERuntime(exported_model, options=RuntimeOptions(providers=("CPUExecutionProvider",)))
+    outputs = model_outputs(runtime, digits, num_samples=3, seed=5)
+    assert isinstance(outputs, ModelOutputs)
+    scores = base_scores(outputs, runtime.likelihood, runtime.likelihood_params, complexity_nats(digits))
+    assert set(scores) == {"neg_elbo", "iwae", "recon_nll", "recon_mse", "kl", "latent_norm", "local_corrected",
+                           "png_corrected", "bernoulli_excess"}
+    np.testing.assert_allclose(scores["neg_elbo"], runtime.score(digits, num_samples=3, seed=5), rtol=1e-6)
+    np.testing.assert_allclose(scores["iwae"], runtime.score(digits, 3, "iwae", seed=5), rtol=1e-6)
+    np.testing.assert_allclose(scores["png_corrected"], runtime.score(digits, 3, seed=5, complexity="png"), rtol=1e-6)
+    mean, logvar = runtime.encode(digits)
+    np.testing.assert_allclose(scores["recon_mse"], ((runtime.reconstruct(digits) - digits) ** 2).sum(axis=(1, 2, 3)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(scores["kl"], kl_to_prior(mean, logvar), rtol=1e-6)
+    # the Bernoulli NLL never falls below the pixels' entropy, so the excess is at least the KL term
+    assert (scores["bernoulli_excess"] >= scores["kl"] - 1e-6).all()
+    assert all(np.isfinite(s).all() and s.shape == (len(digits),) for s in scores.values())
