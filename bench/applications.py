@@ -99,15 +99,15 @@ def train_and_export(train_images: np.ndarray, val_images: np.ndarray, work: Pat
     return work / "model"
 
 
-def every_score(runtime, x: np.ndarray, x_fit: np.ndarray, num_samples: int
+def every_score(device, x: np.ndarray, x_fit: np.ndarray, num_samples: int
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every base score and every combination for x, the combinations standardised on x_fit (training images);
     and the base scores of x_fit."""
-    from serve.runtime import complexity_nats
+    from serve.ops import complexity_nats
 
     def scores(images):
-        return base_scores(model_outputs(runtime, images, num_samples), runtime.likelihood,
-                           runtime.likelihood_params, complexity_nats(images))
+        return base_scores(model_outputs(device, images, num_samples), device.card.likelihood,
+                           device.card.likelihood_params, complexity_nats(images))
 
     result, fitted = scores(x), scores(x_fit)
     # a control, not a model score: how far "simpler is more anomalous" alone gets (PNG's code length, negated)
@@ -145,11 +145,13 @@ def pyod_scores(x_train: np.ndarray, x_test: np.ndarray) -> dict[str, np.ndarray
             for name, model in (("pyod_autoencoder", AutoEncoder), ("pyod_vae", VAE))}
 
 
-def open_runtime(model_dir: Path, threads: int):
+def open_device(model_dir: Path, threads: int):
+    """The model's graphs on the CPU, as a serve.ops device for calls from this thread."""
+    from serve.ops import Direct
     from serve.runtime import RuntimeOptions, VAERuntime
 
-    return VAERuntime(model_dir, options=RuntimeOptions(providers=("CPUExecutionProvider",),
-                                                        intra_op_threads=threads, spinning=False))
+    return Direct(VAERuntime(model_dir, options=RuntimeOptions(providers=("CPUExecutionProvider",),
+                                                               intra_op_threads=threads, spinning=False)))
 
 
 # ---------------------------------------------------------------- one-class
@@ -163,11 +165,11 @@ def one_class(c: int, args, train, test, work: Path) -> dict:
     model_dir = train_and_export(normal, x_test_all[y_test == c], work / f"class{c}", args.train_s, args.threads,
                                  args.train_steps, args.likelihood)
     train_wall = time.monotonic() - started
-    runtime = open_runtime(model_dir, args.threads)
+    device = open_device(model_dir, args.threads)
     x_normal, x_test = unit(normal), unit(x_test_all)
     fit = x_normal[np.random.default_rng(c).permutation(len(x_normal))[:args.fit_images]]
     started = time.monotonic()
-    scores, fitted = every_score(runtime, x_test, fit, args.samples)
+    scores, fitted = every_score(device, x_test, fit, args.samples)
     score_wall = time.monotonic() - started
     flat_train, flat_test = x_normal.reshape(len(x_normal), -1), x_test.reshape(len(x_test), -1)
     scores["pca"], num_components = pca_errors(flat_train, flat_test, args.pca_variance)
@@ -236,6 +238,8 @@ def run_ood(args) -> int:
     from sklearn.decomposition import PCA
     from sklearn.neighbors import KNeighborsClassifier
 
+    from serve import ops
+
     (train_images, y_train), (test_images, y_test) = fashion(args.max_train, args.max_test)
     work = Path(args.work or tempfile.mkdtemp(prefix="vae-applications-ood-"))
     load_before, started = load(), time.monotonic()
@@ -244,14 +248,14 @@ def run_ood(args) -> int:
         model_dir = train_and_export(train_images, test_images, work / "fashion", args.train_s, args.threads,
                                      args.train_steps, args.likelihood)
         train_wall = time.monotonic() - started
-    runtime = open_runtime(model_dir, args.threads)
+    device = open_device(model_dir, args.threads)
     x_train, x_in = unit(train_images), unit(test_images)
     digits = load_mnist5k()
     x_out = unit(digits.images)
     fit = x_train[np.random.default_rng(0).permutation(len(x_train))[:args.fit_images]]
     t = time.monotonic()
     x_all = np.concatenate([x_in, x_out])
-    scores, fitted = every_score(runtime, x_all, fit, args.samples)
+    scores, fitted = every_score(device, x_all, fit, args.samples)
     score_wall = time.monotonic() - t
     flat = x_train.reshape(len(x_train), -1)
     scores["pca"], num_components = pca_errors(flat, x_all.reshape(len(x_all), -1), args.pca_variance)
@@ -260,19 +264,19 @@ def run_ood(args) -> int:
     auc = {name: round(roc_auc(s, is_out), 4) for name, s in scores.items()}
 
     # k-NN (k=5) on posterior means vs PCA to the same number of dimensions
-    z_train, z_test = runtime.encode(x_train)[0], runtime.encode(x_in)[0]
-    pixels_pca = PCA(n_components=runtime.latent_dim, random_state=0).fit(flat)
+    z_train, z_test = device.run(ops.encode, x_train).mean, device.run(ops.encode, x_in).mean
+    pixels_pca = PCA(n_components=device.card.latent_dim, random_state=0).fit(flat)
     pca_train, pca_test = pixels_pca.transform(flat), pixels_pca.transform(x_in.reshape(len(x_in), -1))
     accuracy = {}
     for name, (features_train, features_test) in {"vae_latent_mean": (z_train, z_test),
-                                                   f"pca_{runtime.latent_dim}": (pca_train, pca_test)}.items():
+                                                   f"pca_{device.card.latent_dim}": (pca_train, pca_test)}.items():
         knn = KNeighborsClassifier(n_neighbors=5, n_jobs=args.threads).fit(features_train, y_train)
         accuracy[name] = round(float((knn.predict(features_test) == y_test).mean()), 4)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{os.cpu_count()}-core {platform.processor() or platform.machine()}, no GPU",
               "command": " ".join(["bench/applications.py", *sys.argv[1:]]), "load_before": load_before,
               "load_after": load(), "settings": settings(args), "model": str(model_dir),
-              "model_metadata": {k: runtime.metadata.get(k) for k in ("likelihood", "latent_dim", "preset", "step")},
+              "model_metadata": {k: device.card.metadata.get(k) for k in ("likelihood", "latent_dim", "preset", "step")},
               "train_wall_s": round(train_wall, 1), "score_wall_s": round(score_wall, 1),
               "num_in": len(x_in), "num_out": len(x_out), "ood_auc": auc, "pca_components": num_components,
               "knn5_accuracy": accuracy, "wall_s": round(time.monotonic() - started, 1)}

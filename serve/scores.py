@@ -6,7 +6,7 @@ higher means more anomalous. Two failures motivate them:
 - Likelihoods favour simple inputs whatever their class (Nalisnick et al., "Do deep generative models
   know what they don't know?", ICLR 2019): a Fashion-MNIST model gives MNIST digits a *lower* negative
   ELBO than its own test images. Corrections: subtract a generic code length (`local_predictor_nats`,
-  or PNG's in serve.runtime.complexity_nats; Serra et al., ICLR 2020), subtract the Bernoulli
+  or PNG's in serve.ops.complexity_nats; Serra et al., ICLR 2020), subtract the Bernoulli
   likelihood's floor (`bernoulli_entropy`), or test for typicality (`Standardiser`, two-sided).
 - Within one dataset, what a model of one class fails to reproduce is what tells classes apart, as
   PCA's reconstruction error does: `squared_error` at the posterior mean, `kl_to_prior`, `latent_norm`.
@@ -178,22 +178,25 @@ class ModelOutputs:
     mean_image: np.ndarray    # decoder image mean at z = mean, (B, C, H, W)
 
 
-def model_outputs(runtime, x: np.ndarray, num_samples: int, seed: int = 0) -> ModelOutputs:
-    """Run the encoder once and the decoder at K posterior samples and at the posterior mean."""
-    from serve.runtime import latents_for_score, score_noise  # serve.runtime imports onnxruntime: only here
+def model_outputs(device, x: np.ndarray, num_samples: int, seed: int = 0) -> ModelOutputs:
+    """Run the encoder once and the decoder at K posterior samples and at the posterior mean.
 
-    mean, logvar = runtime.encode_raw(runtime.check_images(x))
-    eps = score_noise(len(x), num_samples, runtime.latent_dim, seed)
-    z = latents_for_score(mean, logvar, eps).reshape(-1, runtime.latent_dim)
-    return ModelOutputs(x, mean, logvar, eps, runtime.decode_params(z), runtime.decode_params(mean),
-                        runtime.decode(mean))
+    `device`: a serve.ops device, e.g. `serve.ops.Direct(VAERuntime(model_dir))`."""
+    from serve import ops  # onnxruntime comes with it: only here, so the score functions stay numpy-only
+
+    posterior = device.run(ops.encode, x)
+    eps = ops.score_noise(len(x), num_samples, device.card.latent_dim, seed)
+    z = posterior.mean[None] + np.exp(0.5 * posterior.logvar)[None] * eps  # (K, B, latent)
+    return ModelOutputs(np.asarray(x, np.float32), posterior.mean, posterior.logvar, eps,
+                        device.run(ops.decode_params, z.reshape(-1, device.card.latent_dim)),
+                        device.run(ops.decode_params, posterior.mean), device.run(ops.decode, posterior.mean))
 
 
 def base_scores(outputs: ModelOutputs, likelihood: str, likelihood_params: dict,
                 png_nats: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every single score for each image {name: (B,)}, higher = more anomalous (see the README table)."""
     from serve.likelihoods import negative_log_likelihood
-    from serve.runtime import score_from_parts
+    from serve.ops import score_from_parts
 
     o = outputs
     parts = (o.x, o.mean, o.logvar, o.eps, o.sample_params)
