@@ -103,7 +103,7 @@ def every_score(runtime, x: np.ndarray, x_fit: np.ndarray, num_samples: int
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every base score and every combination for x, the combinations standardised on x_fit (training images);
     and the base scores of x_fit."""
-    from serve.runtime import complexity_nats
+    from serve.ops import complexity_nats
 
     def scores(images):
         return base_scores(model_outputs(runtime, images, num_samples), runtime.likelihood,
@@ -260,7 +260,9 @@ def run_ood(args) -> int:
     auc = {name: round(roc_auc(s, is_out), 4) for name, s in scores.items()}
 
     # k-NN (k=5) on posterior means vs PCA to the same number of dimensions
-    z_train, z_test = runtime.encode(x_train)[0], runtime.encode(x_in)[0]
+    from serve import ops
+
+    z_train, z_test = (ops.Direct(runtime).run(ops.encode, images).mean for images in (x_train, x_in))
     pixels_pca = PCA(n_components=runtime.latent_dim, random_state=0).fit(flat)
     pca_train, pca_test = pixels_pca.transform(flat), pixels_pca.transform(x_in.reshape(len(x_in), -1))
     accuracy = {}

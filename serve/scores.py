@@ -180,20 +180,22 @@ class ModelOutputs:
 
 def model_outputs(runtime, x: np.ndarray, num_samples: int, seed: int = 0) -> ModelOutputs:
     """Run the encoder once and the decoder at K posterior samples and at the posterior mean."""
-    from serve.runtime import latents_for_score, score_noise  # serve.runtime imports onnxruntime: only here
+    from serve import ops  # serve.ops imports onnxruntime: only here
 
-    mean, logvar = runtime.encode_raw(runtime.check_images(x))
-    eps = score_noise(len(x), num_samples, runtime.latent_dim, seed)
-    z = latents_for_score(mean, logvar, eps).reshape(-1, runtime.latent_dim)
-    return ModelOutputs(x, mean, logvar, eps, runtime.decode_params(z), runtime.decode_params(mean),
-                        runtime.decode(mean))
+    direct = ops.Direct(runtime)
+    posterior = direct.run(ops.encode, x)
+    mean, logvar = posterior.mean, posterior.logvar
+    eps = ops.score_noise(len(x), num_samples, runtime.latent_dim, seed)
+    z = (mean[None] + np.exp(0.5 * logvar)[None] * eps).reshape(-1, runtime.latent_dim)
+    return ModelOutputs(x, mean, logvar, eps, direct.run(ops.decode_params, z), direct.run(ops.decode_params, mean),
+                        direct.run(ops.decode, mean))
 
 
 def base_scores(outputs: ModelOutputs, likelihood: str, likelihood_params: dict,
                 png_nats: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every single score for each image {name: (B,)}, higher = more anomalous (see the README table)."""
     from serve.likelihoods import negative_log_likelihood
-    from serve.runtime import score_from_parts
+    from serve.ops import score_from_parts
 
     o = outputs
     parts = (o.x, o.mean, o.logvar, o.eps, o.sample_params)

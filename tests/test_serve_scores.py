@@ -9,7 +9,9 @@ from scipy import stats
 from sklearn.preprocessing import StandardScaler
 
 from serve.likelihoods import negative_log_likelihood
-from serve.runtime import RuntimeOptions, VAERuntime, complexity_nats
+from serve import ops
+from serve.ops import Direct, complexity_nats
+from serve.runtime import RuntimeOptions, VAERuntime
 from serve.scores import (ACTIVITY_EDGES, MIN_LAPLACE_SCALE, ModelOutputs, Standardiser, base_scores,
                           bernoulli_entropy, combine, kl_to_prior, latent_norm, local_predictor_nats,
                           med_prediction, model_outputs, squared_error)
@@ -120,12 +122,16 @@ def test_base_scores_from_a_real_model_agree_with_the_runtimes_own_scores(export
     scores = base_scores(outputs, runtime.likelihood, runtime.likelihood_params, complexity_nats(digits))
     assert set(scores) == {"neg_elbo", "iwae", "recon_nll", "recon_mse", "kl", "latent_norm", "local_corrected",
                            "png_corrected", "bernoulli_excess"}
-    np.testing.assert_allclose(scores["neg_elbo"], runtime.score(digits, num_samples=3, seed=5), rtol=1e-6)
-    np.testing.assert_allclose(scores["iwae"], runtime.score(digits, 3, "iwae", seed=5), rtol=1e-6)
-    np.testing.assert_allclose(scores["png_corrected"], runtime.score(digits, 3, seed=5, complexity="png"), rtol=1e-6)
-    mean, logvar = runtime.encode(digits)
-    np.testing.assert_allclose(scores["recon_mse"], ((runtime.reconstruct(digits) - digits) ** 2).sum(axis=(1, 2, 3)),
-                               rtol=1e-5)
+    direct = Direct(runtime)
+    np.testing.assert_allclose(scores["neg_elbo"], direct.run(ops.score, digits, num_samples=3, seed=5).scores,
+                               rtol=1e-6)
+    np.testing.assert_allclose(scores["iwae"], direct.run(ops.score, digits, 3, "iwae", seed=5).scores, rtol=1e-6)
+    np.testing.assert_allclose(scores["png_corrected"],
+                               direct.run(ops.score, digits, 3, seed=5, complexity="png").scores, rtol=1e-6)
+    posterior = direct.run(ops.encode, digits)
+    mean, logvar = posterior.mean, posterior.logvar
+    reconstruction = direct.run(ops.reconstruct, digits)
+    np.testing.assert_allclose(scores["recon_mse"], ((reconstruction - digits) ** 2).sum(axis=(1, 2, 3)), rtol=1e-5)
     np.testing.assert_allclose(scores["kl"], kl_to_prior(mean, logvar), rtol=1e-6)
     # the Bernoulli NLL never falls below the pixels' entropy, so the excess is at least the KL term
     assert (scores["bernoulli_excess"] >= scores["kl"] - 1e-6).all()
