@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -144,7 +145,8 @@ def test_pyfunc_encodes_samples_and_scores_in_process_and_over_invocations(
         server = subprocess.Popen(
             [str(VENV_BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
              "-p", str(port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_server))
+            # `mlflow models serve` runs `uvicorn` from PATH: the venv's, as an activated venv would
+            env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_server, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"))
     try:
         cpu = RuntimeOptions(providers=("CPUExecutionProvider",))
         direct = ops.Direct(VAERuntime(exported_model_fp16, options=cpu))
