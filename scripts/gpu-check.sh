@@ -29,13 +29,6 @@ started=$SECONDS
 summary=()
 failed=0
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-    echo "installing $(ls .whl/*.whl | wc -l) carried wheels from .whl/ into $SCRATCH/site"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SCRATCH/site" .whl/*.whl \
-        || { echo "wheel install failed"; exit 1; }
-fi
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}${SCRATCH:+:$SCRATCH/site}" PYTHONUNBUFFERED=1
-
 if nvidia-smi -L >/dev/null 2>&1; then
     gpu=1
     echo "GPU: $(nvidia-smi -L | head -1)"
@@ -44,6 +37,14 @@ else
     echo "no NVIDIA GPU here: GPU parts are skipped (the gpu tests skip themselves, onnxruntime and torch stay"
     echo "on the CPU) and every step runs at a tiny size"
 fi
+
+# The wheels scripts/gpu-wheels.sh fetches are for the lent machine's Python (3.12): used there only.
+if [[ $gpu == 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then
+    echo "installing $(ls .whl/*.whl | wc -l) carried wheels from .whl/ into $SCRATCH/site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SCRATCH/site" .whl/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}:$SCRATCH/site" PYTHONUNBUFFERED=1
 providers=$("$PYTHON" -c "import onnxruntime as o; print(','.join(o.get_available_providers()))" 2>/dev/null)
 echo "python: $("$PYTHON" -c 'import sys; print(sys.version.split()[0], sys.executable)'); onnxruntime providers: ${providers:-none (not installed)}"
 if [[ $gpu == 1 && $providers != *CUDAExecutionProvider* ]]; then
