@@ -15,7 +15,7 @@ from bits_per_dim import FixedScaleLogistic, fit_log_scale, iwae_nats, peer_net 
 from fmnist_quality import curve_points  # noqa: E402
 from lossless_codecs import codec_bits_per_dim  # noqa: E402
 
-from train.loss import discretized_logistic_nll  # noqa: E402
+from train.likelihood import discretized_logistic_nll  # noqa: E402
 
 
 def test_codecs_find_no_information_in_flat_images_and_none_to_spare_in_noise():
