@@ -21,6 +21,7 @@ import orjson
 from fastapi import HTTPException
 from fastapi.responses import Response
 
+from export.model_card import METADATA_FILE, has_model_card
 from serve.ops import prior_latents
 from serve.runtime import RuntimeOptions, VAERuntime, parse_providers
 
@@ -66,8 +67,8 @@ def main() -> None:
     parser.add_argument("--batch-timeout-ms", type=float, default=2.0)
     parser.add_argument("--providers", default="tensorrt,cuda,cpu")
     args = parser.parse_args()
-    if not (Path(args.model) / "model.json").is_file():
-        parser.error(f"--model {args.model}: no model.json there")
+    if not has_model_card(args.model):
+        parser.error(f"--model {args.model}: no {METADATA_FILE} there")
     api = DecoderAPI(args.model, args.providers, max_batch_size=args.max_batch_size,
                      batch_timeout=args.batch_timeout_ms / 1000.0, api_path="/v1/sample")
     # accelerator "cpu" whatever the providers: LitServe's device only picks what setup() is told; onnxruntime
