@@ -50,6 +50,7 @@ def step_time_s(preset: str, size: int, precision: str, device: torch.device, ba
     torch.manual_seed(0)
     model = build_model(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    likelihood_of = model.likelihood  # the unwrapped model's: DDP does not forward attributes
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -63,7 +64,7 @@ def step_time_s(preset: str, size: int, precision: str, device: torch.device, ba
         started = time.perf_counter()
         with autocast(precision, device):
             params, posterior = model(x, generator)
-        loss = training_objective(vae_loss(params, x, posterior, model.likelihood), posterior, beta=1.0, free_bits=0.0)
+        loss = training_objective(vae_loss(params, x, posterior, likelihood_of), posterior, beta=1.0, free_bits=0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
