@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
+from bench.report import write_result  # noqa: E402
 from bench.loader import shard_set_rate  # noqa: E402
 from pipeline.data import open_train_val  # noqa: E402
 
@@ -109,9 +110,7 @@ def main() -> int:
           f"({per_rank:,.0f} per rank), {result['seconds_per_epoch']:.1f} s per epoch, "
           f"{args.epochs:g} epochs in {training['wall_s']:.1f} s wall, peak RSS per rank "
           f"{training['peak_rss_mib_per_rank']} MiB, train neg ELBO {training['train_neg_elbo']:.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"load average {os.getloadavg()}; wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

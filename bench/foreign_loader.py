@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import socket
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.report import write_result  # noqa: E402
 from bench.loader import shard_set_rate, trainer_rate  # noqa: E402
 from pipeline.data import open_train_val  # noqa: E402
 from pipeline.index import index_shards  # noqa: E402
@@ -147,9 +147,7 @@ def main() -> int:
               "load_average": os.getloadavg(), "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
               "num_images": int(len(images)), "command": "flock /tmp/vae-bench.lock .venv/bin/python bench/foreign_loader.py",
               "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"load average {os.getloadavg()}; wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 
