@@ -38,7 +38,8 @@ from pipeline.images import nhwc_to_nchw, to_unit_float  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
 from pipeline.sources import ImageSet, load_fashion_mnist, load_mnist5k  # noqa: E402
 from serve.analysis import roc_auc  # noqa: E402
-from serve.scores import Standardiser, base_scores, combine, model_outputs  # noqa: E402
+from export.score_statistics import Standardiser, combine  # noqa: E402
+from serve.scores import base_scores, model_outputs  # noqa: E402
 
 # Combinations of base scores, each standardised on training images: (name, scores, how, two-sided ones).
 COMBINED = (
@@ -103,11 +104,10 @@ def every_score(device, x: np.ndarray, x_fit: np.ndarray, num_samples: int
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every base score and every combination for x, the combinations standardised on x_fit (training images);
     and the base scores of x_fit."""
-    from serve.ops import complexity_nats
 
     def scores(images):
         return base_scores(model_outputs(device, images, num_samples), device.card.likelihood,
-                           device.card.likelihood_params, complexity_nats(images))
+                           device.card.likelihood_params)
 
     result, fitted = scores(x), scores(x_fit)
     # a control, not a model score: how far "simpler is more anomalous" alone gets (PNG's code length, negated)

@@ -183,6 +183,9 @@ def export_main(args: argparse.Namespace) -> int:
               f"{list(report.batch_sizes)}{note}")
     print(f"exported {result.out_dir}/encoder.onnx and {result.out_dir}/decoder.onnx "
           f"({weights} weights, {', '.join(result.reports)})")
+    if result.score_statistics:
+        print(f"default anomaly score: {result.score_statistics['default']}, standardised on "
+              f"{result.score_statistics['num_images']} validation images")
     if args.register:
         from export.registry import register_export
 

@@ -17,7 +17,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.score_statistics import ScoreStatistics
+
 METADATA_FILE = "model.json"
+SCORE_STATISTICS_KEY = "anomaly_score"
+"""model.json's entry for the default anomaly score's statistics (export.score_statistics.ScoreStatistics)."""
 # The likelihood layouts the decoder's `params` output can have (serve.likelihoods computes each), with the
 # channels of `params` per image channel.
 PARAMS_PER_CHANNEL = {"bernoulli": 1, "gaussian": 1, "gaussian_learned": 2, "discretized_logistic": 2}
@@ -57,7 +61,9 @@ class ModelCard:
     variants: dict[str, GraphFiles]
     """'' (the default fp32 graphs) and each variant listed in model.json."""
     metadata: dict = field(repr=False)
-    """model.json as read (for display only: everything serve relies on is in the fields above)."""
+    """model.json as read (for display only: everything serve relies on is in the other fields)."""
+    score_statistics: ScoreStatistics | None = None
+    """What standardises the default anomaly score; None for models exported before it existed."""
 
     def files(self, variant: str = "") -> GraphFiles:
         if variant not in self.variants:
@@ -166,6 +172,14 @@ def read_model_card(model_dir: str | Path) -> ModelCard:
         if all(files):
             variants[name] = GraphFiles(*files)
 
+    statistics = None
+    if metadata.get(SCORE_STATISTICS_KEY) is not None:
+        try:
+            statistics = ScoreStatistics.from_json(metadata[SCORE_STATISTICS_KEY])
+        except ValueError as error:
+            problems.append(f"{SCORE_STATISTICS_KEY}: {error}")
+
     if problems:
         raise ModelDirError(f"{path} does not describe a model serve can run:\n  - " + "\n  - ".join(problems))
-    return ModelCard(model_dir, latent_dim, tuple(image_shape), likelihood, params, variants, metadata)
+    return ModelCard(model_dir, latent_dim, tuple(image_shape), likelihood, params, variants, metadata,
+                     statistics)

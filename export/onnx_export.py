@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from export import metadata as meta
-from export.model_card import METADATA_FILE
+from export.model_card import METADATA_FILE, SCORE_STATISTICS_KEY
 from export.fp16 import BlockedNode, convert_to_fp16
 from export.graphs import DecoderGraph, EncoderGraph
 from train.config import TrainConfig, config_to_dict, latent_shape
@@ -214,6 +214,8 @@ class ExportResult:
     out_dir: Path
     reports: dict[str, ParityReport]
     fp32_layers: dict[str, list[BlockedNode]]
+    score_statistics: dict | None = None
+    """model.json's anomaly-score statistics (export.score_statistics), None when none could be fitted."""
 
 
 def _variant_files(precision: str) -> tuple[str, str]:
@@ -263,6 +265,19 @@ def _cpu_name() -> str:
     import platform
 
     return platform.processor() or "unknown"
+
+
+def _score_statistics(model, images: np.ndarray) -> dict | None:
+    """The default anomaly score's statistics on the validation images, or None (serve then falls back to the
+    negative ELBO and says so) when they cannot be fitted."""
+    from export.score_fit import fit_score_statistics
+
+    try:
+        return fit_score_statistics(model, images).to_json()
+    except ValueError as error:  # fewer than 2 images, or a score that does not vary on them
+        warnings.warn(f"no anomaly-score statistics stored ({error}); serve's default score falls back to the "
+                      "negative ELBO", stacklevel=2)
+        return None
 
 
 def export_verified(model, config: TrainConfig, state: dict, out_dir: str | Path,
@@ -343,13 +358,14 @@ def export_verified(model, config: TrainConfig, state: dict, out_dir: str | Path
             "num_real_images": int(len(images)),
             **{p: {k: v for k, v in r.as_dict().items() if k != "precision"} for p, r in reports.items()}}
         metadata["variants"] = variants
+        metadata[SCORE_STATISTICS_KEY] = _score_statistics(model, images)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         out_dir.mkdir(parents=True, exist_ok=True)
         for path in staging.iterdir():
             path.replace(out_dir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(out_dir, reports, fp32_layers)
+    return ExportResult(out_dir, reports, fp32_layers, metadata[SCORE_STATISTICS_KEY])
 
 
 def export_model(model, config: TrainConfig, state: dict, out_dir: str | Path,

@@ -80,6 +80,7 @@ def pyfunc_signature():
         params=ParamSchema([
             ParamSpec("op", DataType.string, None),  # sample, decode, encode, reconstruct or score
             ParamSpec("temperature", DataType.double, None),  # sample
+            ParamSpec("kind", DataType.string, None),  # score: auto, likelihood, png_mse or excess_mse
             ParamSpec("method", DataType.string, None),  # score: elbo or iwae
             ParamSpec("num_samples", DataType.long, None),  # score
             ParamSpec("complexity", DataType.string, None),  # score: none or png

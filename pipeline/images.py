@@ -113,6 +113,18 @@ def nchw_to_nhwc(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
 
 
+def png_code_nats(images: np.ndarray) -> np.ndarray:
+    """Each image's lossless PNG code length (level 9) in nats, (B,) from (B, C, H, W) floats in [0, 1].
+
+    A generic compressor's idea of how complex an image is. Likelihood models give simple inputs (little
+    ink, flat regions) high likelihood whatever their class; subtracting this length from a negative ELBO
+    leaves what the model finds unusual beyond that (Serra et al., "Input complexity and out-of-distribution
+    detection with likelihood-based generative models", ICLR 2020). Export fits the default anomaly score
+    with it and serve computes it, so both live here."""
+    pixels = to_uint8(nchw_to_nhwc(np.asarray(images)))
+    return np.array([len(encode_png(image, compress_level=9)) * 8 * math.log(2) for image in pixels])
+
+
 def make_grid(images: np.ndarray, num_cols: int = 8, pad: int = 2) -> np.ndarray:
     """Tile N images (NxHxWxC uint8) into one image with `num_cols` columns and a dark border."""
     if images.ndim != 4:

@@ -89,17 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how --plot maps the latents to 2-D: pca (linear, fast) or tsne (scikit-learn's t-SNE: "
                              "keeps neighbours together, so classes show as clusters; seconds per thousand images)")
 
-    score = commands.add_parser("score", help="anomaly scores (negative ELBO / IWAE) to CSV; ROC AUC with labels",
+    score = commands.add_parser("score", help="anomaly scores to CSV (higher = more anomalous); ROC AUC with labels",
                                 formatter_class=fmt)
     _add_common(score)
     _add_input(score)
     score.add_argument("--out", required=True, help="scores.csv (key, label, score[, is_anomaly])")
+    score.add_argument("--kind", choices=ops.SCORE_KINDS, default="auto",
+                       help="auto: the model's default, the combination its export standardised on validation "
+                            "images (png_mse for 8-bit and Gaussian likelihoods, excess_mse for Bernoulli; "
+                            "measured in BENCHMARKS.md), or the likelihood for models exported without it; "
+                            "likelihood: the negative ELBO (or IWAE bound) in nats, which ranks simple inputs "
+                            "(e.g. digits to a clothing model) as normal; png_mse / excess_mse: z(neg ELBO - PNG "
+                            "nats or - pixel entropy) + z(reconstruction squared error)")
     score.add_argument("--samples", type=int, default=1, help="z samples per image (K)")
     score.add_argument("--method", choices=("elbo", "iwae"), default="elbo",
                        help="elbo: mean negative ELBO over K draws; iwae: importance-weighted bound with K samples")
     score.add_argument("--complexity", choices=("none", "png"), default="none",
-                       help="png: subtract each image's PNG code length from its score (input-complexity "
-                            "correction, Serra et al. 2020): likelihoods favour simple images whatever their class")
+                       help="png: subtract each image's PNG code length from the likelihood (input-complexity "
+                            "correction, Serra et al. 2020; implies --kind likelihood under auto)")
     score.add_argument("--seed", type=int, default=0, help="noise seed")
     score.add_argument("--maps", default=None, metavar="DIR",
                        help="also write one heat-map PNG per image to DIR: -log p(x|z) per pixel, black (0 nats) to "
@@ -304,10 +311,16 @@ def run_encode(runtime, args) -> None:
         print(f"wrote a 2-D plot ({args.plot_method}) to {args.plot}")
 
 
-def read_threshold(path) -> tuple[float, tuple[str, str]]:
-    """(threshold, (method, complexity) it was calibrated on) from a `score --calibrate` file."""
+ScoreIdentity = tuple[str, str, str]
+"""(kind, method, complexity): a threshold only means something for scores computed alike."""
+
+
+def read_threshold(path) -> tuple[float, ScoreIdentity]:
+    """(threshold, the score it was calibrated on) from a `score --calibrate` file (files written before score
+    kinds existed hold likelihoods)."""
     calibration = json.loads(Path(path).read_text())
-    return float(calibration["threshold"]), (calibration.get("method", "elbo"), calibration.get("complexity", "none"))
+    return float(calibration["threshold"]), (calibration.get("kind", "likelihood"), calibration.get("method", "elbo"),
+                                             calibration.get("complexity", "none"))
 
 
 def run_score(runtime, args) -> None:
@@ -316,30 +329,34 @@ def run_score(runtime, args) -> None:
     x, labels, keys = read_input(args.input, runtime, args.split, args.num)
     started = time.perf_counter()
     result = Direct(runtime).run(ops.score, x, num_samples=args.samples, method=args.method, seed=args.seed,
-                                 complexity=args.complexity, maps=args.maps is not None)
-    scores = result.scores
-    _report(f"scored ({args.method}, K={args.samples}, complexity {args.complexity})", len(x),
+                                 complexity=args.complexity, maps=args.maps is not None, kind=args.kind)
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
+    scores, identity = result.scores, (result.kind, args.method, args.complexity)
+    _report(f"scored ({result.kind}, {args.method}, K={args.samples}, complexity {args.complexity})", len(x),
             time.perf_counter() - started, runtime)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     threshold_file = Path(args.threshold_file) if args.threshold_file else out.with_name("threshold.json")
     threshold = None
-    summary: dict = {"num_images": len(x), "method": args.method, "num_samples": args.samples,
+    summary: dict = {"num_images": len(x), "kind": result.kind, "method": args.method, "num_samples": args.samples,
                      "complexity": args.complexity, "mean_score": float(scores.mean())}
     if args.calibrate:
         if not 0.0 < args.target_fpr < 1.0:
             raise ValueError(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
         threshold = threshold_for_fpr(scores, args.target_fpr)
         threshold_file.write_text(json.dumps({"threshold": threshold, "target_fpr": args.target_fpr,
-                                              "method": args.method, "num_samples": args.samples,
-                                              "complexity": args.complexity, "num_images": len(x), "model": str(runtime.model_dir)}, indent=2) + "\n")
-        print(f"threshold {threshold:.3f} nats for a false-positive rate of {args.target_fpr} -> {threshold_file}")
+                                              "kind": result.kind, "method": args.method, "num_samples": args.samples,
+                                              "complexity": args.complexity, "num_images": len(x),
+                                              "model": str(runtime.model_dir)}, indent=2) + "\n")
+        print(f"threshold {threshold:.3f} ({result.kind}) for a false-positive rate of {args.target_fpr} -> "
+              f"{threshold_file}")
     elif args.threshold_file and threshold_file.is_file():
         threshold, calibrated = read_threshold(threshold_file)
-        if calibrated != (args.method, args.complexity):  # a threshold only means something for its own score
-            raise ValueError(f"{threshold_file} was calibrated with --method {calibrated[0]} --complexity "
-                             f"{calibrated[1]}; scoring with --method {args.method} --complexity {args.complexity} "
-                             "would compare unlike scores")
+        if calibrated != identity:  # a threshold only means something for its own score
+            raise ValueError(f"{threshold_file} was calibrated with --kind {calibrated[0]} --method {calibrated[1]} "
+                             f"--complexity {calibrated[2]}; scoring with --kind {identity[0]} --method "
+                             f"{identity[1]} --complexity {identity[2]} would compare unlike scores")
     if args.labels is not None:
         if labels is None:
             raise ValueError(f"--labels needs labelled input; {args.input} has none")
@@ -415,7 +432,8 @@ def run_http(runtime, args) -> None:
     from serve.http import TOKEN_ENV, ServerOptions, ServiceOptions, serve
     from serve.http_protocol import ConnectionLimits
 
-    threshold, threshold_score = read_threshold(args.threshold_file) if args.threshold_file else (None, ("elbo", "none"))
+    threshold, threshold_score = (read_threshold(args.threshold_file) if args.threshold_file
+                                  else (None, ("likelihood", "elbo", "none")))
     options = ServiceOptions(
         batching=BatchingOptions(args.max_batch_size, args.max_queue_delay_ms, args.max_queue),
         max_items=args.max_items, max_body_bytes=args.max_body_bytes, token=os.environ.get(TOKEN_ENV, ""),

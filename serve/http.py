@@ -72,8 +72,8 @@ class ServiceOptions:
     """Bearer token required on /v1/* and /metrics when not empty (default: $VAE_SERVE_TOKEN)."""
     threshold: float | None = None
     """Anomaly threshold (from `score --calibrate`): /v1/score then says which images exceed it."""
-    threshold_score: tuple[str, str] = ("elbo", "none")
-    """(method, complexity) the threshold was calibrated with: only requests scored alike are flagged."""
+    threshold_score: tuple[str, str, str] = ("likelihood", "elbo", "none")
+    """(kind, method, complexity) the threshold was calibrated with: only requests scored alike are flagged."""
     retry_after_s: int = 1
     """Retry-After sent with 503 when the queue is full."""
 
@@ -382,16 +382,24 @@ async def interpolate(request: Request, steps: int = Query(8, ge=2), mode: Liter
     return images_answer(images, format, {}, num_cols=steps)
 
 
+SCORE_KIND_HELP = ("auto: the model's default (a combination standardised at export on validation images; the "
+                   "likelihood for models exported without it, with a warning); likelihood: the negative ELBO or "
+                   "IWAE bound in nats; png_mse / excess_mse: named combinations (z-score sums)")
+
+
 async def score(request: Request, num_samples: int = Query(1, ge=1), method: Literal["elbo", "iwae"] = "elbo",
                 complexity: Literal["none", "png"] = "none", seed: int = Query(0, ge=0, lt=2**63),
-                maps: Literal["none", "png", "json"] = "none"):
+                maps: Literal["none", "png", "json"] = "none",
+                kind: Literal[ops.SCORE_KINDS] = Query("auto", description=SCORE_KIND_HELP)):
     service = service_of(request)
     result = await ops.score(service, await read_images(request), num_samples, method, seed, complexity,
-                             maps=maps != "none", limits=service.limits)
-    answer = {"scores": [float(s) for s in result.scores], "method": method, "complexity": complexity,
-              "num_samples": num_samples, "seed": seed}
+                             maps=maps != "none", limits=service.limits, kind=kind)
+    answer = {"scores": [float(s) for s in result.scores], "kind": result.kind, "method": method,
+              "complexity": complexity, "num_samples": num_samples, "seed": seed}
+    if result.warning:
+        answer["warning"] = result.warning
     threshold = service.options.threshold
-    if threshold is not None and (method, complexity) == tuple(service.options.threshold_score):
+    if threshold is not None and (result.kind, method, complexity) == tuple(service.options.threshold_score):
         answer.update(threshold=threshold, is_anomaly=[bool(s > threshold) for s in result.scores])
     if result.maps is not None:  # PNG encoding off the event loop
         answer["maps"] = await service.offload(pixel_maps, result.maps, maps)

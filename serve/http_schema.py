@@ -49,7 +49,11 @@ class PixelMap(BaseModel):
 class ScoreResponse(BaseModel):
     """Scores, and with ?maps= where in each image they come from."""
 
-    scores: list[float] = Field(..., description="negative ELBO (or IWAE bound) per image, nats; higher = more anomalous")
+    scores: list[float] = Field(..., description="per image, higher = more anomalous: for kind 'likelihood' the "
+                                                 "negative ELBO (or IWAE bound) in nats, for a combination a sum of "
+                                                 "z-scores standardised on the model's validation images")
+    kind: str = Field("likelihood", description="the score computed (?kind=auto resolved)")
+    warning: str | None = Field(None, description="why ?kind=auto fell back to the likelihood")
     method: str
     complexity: str = Field("none", description="png: the PNG code length was subtracted (input-complexity score)")
     num_samples: int

@@ -21,6 +21,8 @@ from typing import Any, Callable, Coroutine, Protocol
 import numpy as np
 
 from export.model_card import ModelCard
+from export.score_statistics import COMBINATIONS, compute_base_scores
+from pipeline.images import png_code_nats
 from serve.likelihoods import negative_log_likelihood, pixel_negative_log_likelihood
 from serve.runtime import NonFiniteOutput, VAERuntime, check_outputs
 
@@ -31,6 +33,8 @@ MAX_ABS_LATENT = 1e4
 """Largest latent magnitude decoded: the prior is N(0, I); such values only overflow the decoder."""
 SCORE_METHODS = ("elbo", "iwae")
 COMPLEXITY_CORRECTIONS = ("none", "png")
+SCORE_KINDS = ("auto", "likelihood", *COMBINATIONS)
+"""What `score` returns: "auto" (the model card's default), the likelihood bound, or a named combination."""
 
 
 class InvalidInput(ValueError):
@@ -343,10 +347,14 @@ class Scores:
     """Anomaly scores of a batch, and where in each image they come from."""
 
     scores: np.ndarray
-    """(B,) nats; higher = more anomalous."""
+    """(B,) higher = more anomalous: nats for kind "likelihood", a sum of z-scores for a combination."""
     maps: np.ndarray | None = None
     """(B, H, W) nats per pixel: -log p(x|z) summed over channels, averaged over the z samples (the ELBO's
-    reconstruction term, pixel by pixel; each map sums to that term whatever the score method)."""
+    reconstruction term, pixel by pixel; each map sums to that term whatever the score)."""
+    kind: str = "likelihood"
+    """The score computed ("auto" resolved)."""
+    warning: str | None = None
+    """Why "auto" fell back to the likelihood, for the caller to pass on."""
 
 
 def score_noise(num_images: int, num_samples: int, latent_dim: int, seed: int) -> np.ndarray:
@@ -388,30 +396,46 @@ def _finite_scores(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def complexity_nats(x: np.ndarray) -> np.ndarray:
-    """Each image's lossless PNG code length (level 9) in nats, (B,) from (B, C, H, W) floats in [0, 1].
+def resolve_score_kind(card: ModelCard, kind: str, complexity: str = "none") -> tuple[str, str | None]:
+    """The score `kind` asks for on this model, and a warning when "auto" had to fall back.
 
-    Likelihood models give simple inputs (little ink, flat regions) high likelihood whatever their
-    class, so a negative ELBO partly measures input complexity. Subtracting a generic compressor's code
-    length leaves what the model finds unusual beyond that: the input-complexity score of Serra et al.,
-    "Input complexity and out-of-distribution detection with likelihood-based generative models"
-    (ICLR 2020), with PNG as the compressor.
-    """
-    from pipeline.images import encode_png, nchw_to_nhwc, to_uint8
-
-    pixels = to_uint8(nchw_to_nhwc(x))
-    return np.array([len(encode_png(image, compress_level=9)) * 8 * math.log(2) for image in pixels])
+    "auto" is the card's default combination (standardised at export; see export.score_statistics) unless the
+    caller asked for a complexity-corrected likelihood, or the model was exported without statistics: then
+    "likelihood", the bound itself, which ranks simpler inputs as *less* anomalous whatever their class."""
+    if kind not in SCORE_KINDS:
+        raise InvalidInput(f"score kind must be one of {SCORE_KINDS}, got {kind!r}")
+    if complexity not in COMPLEXITY_CORRECTIONS:
+        raise InvalidInput(f"complexity must be one of {COMPLEXITY_CORRECTIONS}, got {complexity!r}")
+    statistics = card.score_statistics
+    if kind == "auto":
+        if complexity != "none":
+            return "likelihood", None
+        if statistics is None:
+            return "likelihood", ("this model was exported without anomaly-score statistics, so scores are the "
+                                  "negative ELBO, which ranks simple inputs as normal; re-export it to get the "
+                                  "default score")
+        return statistics.default, None
+    if kind != "likelihood":
+        if complexity != "none":
+            raise InvalidInput(f"complexity={complexity!r} applies to kind='likelihood' only, not {kind!r}")
+        if statistics is None or not statistics.supports(kind):
+            raise InvalidInput(f"score kind {kind!r} needs statistics this model's card lacks (has: "
+                               f"{sorted(statistics.standardiser.means) if statistics else 'none'}); re-export it")
+    return kind, None
 
 
 async def score(device: Device, x: np.ndarray, num_samples: int = 1, method: str = "elbo", seed: int = 0,
-                complexity: str = "none", maps: bool = False, limits: Limits = UNLIMITED) -> Scores:
-    """Anomaly score per image in nats: the negative ELBO averaged over `num_samples` draws of z ~ q(z|x)
-    ("elbo"), or the importance-weighted bound -log mean_k p(x,z_k)/q(z_k|x) ("iwae"); complexity="png"
-    subtracts each image's PNG code length (see `complexity_nats`); `maps`: per-pixel maps too (`Scores`)."""
+                complexity: str = "none", maps: bool = False, limits: Limits = UNLIMITED,
+                kind: str = "auto") -> Scores:
+    """Anomaly score per image, higher = more anomalous (`resolve_score_kind` picks what "auto" means).
+
+    kind="likelihood": the negative ELBO in nats averaged over `num_samples` draws of z ~ q(z|x) ("elbo"), or
+    the importance-weighted bound -log mean_k p(x,z_k)/q(z_k|x) ("iwae"); complexity="png" subtracts each
+    image's PNG code length (pipeline.images.png_code_nats). A combination (e.g. "png_mse"): the sum of base
+    scores' z-scores under the statistics export stored in the card. `maps`: per-pixel maps too (`Scores`)."""
+    kind, warning = resolve_score_kind(device.card, kind, complexity)
     if method not in SCORE_METHODS:
         raise InvalidInput(f"method must be one of {SCORE_METHODS}, got {method!r}")
-    if complexity not in COMPLEXITY_CORRECTIONS:
-        raise InvalidInput(f"complexity must be one of {COMPLEXITY_CORRECTIONS}, got {complexity!r}")
     if limits.max_score_samples is not None and num_samples > limits.max_score_samples:
         raise InvalidInput(f"num_samples={num_samples} > {limits.max_score_samples}")
     card = device.card
@@ -426,6 +450,11 @@ async def score(device: Device, x: np.ndarray, num_samples: int = 1, method: str
     pixel_nll = pixel_negative_log_likelihood(card.likelihood, params, x_repeated, card.likelihood_params)
     pixel_nll = pixel_nll.reshape(num_samples, len(x), *x.shape[1:])  # (K, B, C, H, W)
     scores = bound_from_parts(pixel_nll.reshape(num_samples, len(x), -1).sum(axis=2), mean, logvar, eps, method)
-    if complexity == "png":  # PNG encoding (Pillow releases the GIL) off the event loop and the device thread
-        scores = scores - await device.offload(complexity_nats, x)
-    return Scores(scores, pixel_nll.mean(axis=0).sum(axis=1) if maps else None)
+    # PNG encoding (Pillow releases the GIL) off the event loop and the device thread
+    if kind != "likelihood":
+        _, reconstruction = await _decode(device, mean)
+        base = await device.offload(compute_base_scores, scores, x, reconstruction, card.likelihood)
+        scores = card.score_statistics.apply(base, kind)
+    elif complexity == "png":
+        scores = scores - await device.offload(png_code_nats, x)
+    return Scores(scores, pixel_nll.mean(axis=0).sum(axis=1) if maps else None, kind, warning)

@@ -8,7 +8,7 @@ onnxruntime and mlflow are installed.
 
 Input: one row per item, a DataFrame (or the dict/records MLflow turns into one) with the columns the
 operation needs; the operation and its options are params (the signature, declared where the model is
-logged: export.registry.PYFUNC_SIGNATURE). Options left out take the runtime's defaults:
+logged: export.registry.pyfunc_signature). Options left out take the runtime's defaults:
 
 | op (param)    | column per row                 | output, one entry per row       | params used                 |
 | ------------- | ------------------------------ | ------------------------------- | --------------------------- |
@@ -16,8 +16,9 @@ logged: export.registry.PYFUNC_SIGNATURE). Options left out take the runtime's d
 | `decode`      | `z` (latent_dim floats)        | `image`                         |                             |
 | `encode`      | `x` (C, H, W) floats in [0, 1] | `mean`, `logvar` (latent_dim)   |                             |
 | `reconstruct` | `x`                            | `image`                         |                             |
-| `score`       | `x`                            | `score` (nats; higher: odder),  | `method`, `num_samples`,    |
-|               |                                | with `maps`: `maps` (H, W) nats | `complexity`, `seed`, `maps`|
+| `score`       | `x`                            | `score` (higher: odder; `kind`  | `kind`, `method`, `seed`,   |
+|               |                                | says which), `maps` (H, W) nats | `num_samples`, `complexity`,|
+|               |                                | with `maps`                     | `maps`                      |
 
     model.predict(pd.DataFrame({"x": list(images)}), params={"op": "score"})["score"]
     POST /invocations {"dataframe_records": [{"seed": 1}, {"seed": 2}], "params": {"op": "sample"}}
@@ -38,7 +39,7 @@ from export.model_uri import PYFUNC_ARTIFACT
 from serve import ops
 from serve.runtime import VAERuntime, parse_providers
 
-SCORE_OPTIONS = ("method", "num_samples", "complexity", "seed")
+SCORE_OPTIONS = ("kind", "method", "num_samples", "complexity", "seed")
 """Params passed to `ops.score` when given; left out, its defaults apply."""
 
 
@@ -68,7 +69,8 @@ def _encode(device: ops.Direct, rows, params: dict) -> dict[str, np.ndarray]:
 def _score(device: ops.Direct, rows, params: dict) -> dict[str, np.ndarray]:
     options = {name: params[name] for name in SCORE_OPTIONS if params.get(name) is not None}
     scores = device.run(ops.score, _column(rows, "x"), maps=bool(params.get("maps")), **options)
-    return {"score": scores.scores, **({"maps": scores.maps} if scores.maps is not None else {})}
+    return {"score": scores.scores, "kind": np.full(len(scores.scores), scores.kind),
+            **({"maps": scores.maps} if scores.maps is not None else {})}
 
 
 # Each operation as (device, input rows, params) -> named arrays: serve.ops on the runtime's sessions.

@@ -248,7 +248,7 @@ def module_level_imports(path: Path) -> set[str]:
 def test_everything_serve_imports_at_startup_is_in_the_serving_image():
     """Follow serve/'s module-level imports through the project; every third-party module on the
     way must come from a distribution the serving image installs, and no module outside serve/,
-    pipeline/ and export's torch-free model card and URI resolver may be needed."""
+    pipeline/ and export's torch-free model card, URI resolver and score statistics may be needed."""
     project = {"pipeline", "train", "export", "serve"}
     # serve.pyfunc is MLflow's entry point, loaded only inside MLflow (the [registry] extra), never by serve
     todo = [f"serve.{p.stem}" for p in (REPO / "serve").glob("*.py") if p.stem != "pyfunc"]
@@ -269,7 +269,8 @@ def test_everything_serve_imports_at_startup_is_in_the_serving_image():
             elif name.split(".")[0] not in sys.stdlib_module_names and name != "__future__":
                 third_party.add(name.split(".")[0])
     assert {m.split(".")[0] for m in seen} <= {"serve", "pipeline", "export"}, seen
-    assert {m for m in seen if m.startswith("export.")} <= {"export.model_card", "export.model_uri"}, seen
+    assert {m for m in seen if m.startswith("export.")} <= {"export.model_card", "export.model_uri",
+                                                            "export.score_statistics"}, seen
     distributions = importlib.metadata.packages_distributions()
     brought = set(extra_closure("serve"))
     for module in sorted(third_party):

@@ -112,6 +112,9 @@ def test_onnx_matches_pytorch_for_every_preset(exported_preset, precision):
     side = 4  # TINY's lowest resolution: a spatial latent is 2 channels x 4 x 4
     expected_shape = [2, side, side] if config.model.latent_kind == "spatial" else [config.model.latent_dim]
     assert metadata["latent_shape"] == expected_shape and np.prod(expected_shape) == config.model.latent_dim
+    # every likelihood, colour or grey, gets the default anomaly score's statistics (Bernoulli its own combination)
+    assert metadata["anomaly_score"]["default"] == ("excess_mse" if config.model.likelihood == "bernoulli" else "png_mse")
+    assert metadata["anomaly_score"]["num_images"] == len(images) and min(metadata["anomaly_score"]["stds"].values()) > 0
 
 
 def test_triton_repository_for_every_preset(exported_preset, tmp_path):
@@ -169,7 +172,7 @@ def test_serve_runtime_matches_pytorch_for_every_preset(exported_preset, variant
         x_repeated = torch.from_numpy(x).repeat(num_samples, 1, 1, 1)
         nll = model.likelihood.nll(params, x_repeated)
         expected = nll.reshape(num_samples, len(x)).double().mean(0) + posterior.kl().double()
-    score = Direct(runtime).run(ops.score, x, num_samples, "elbo", seed).scores
+    score = Direct(runtime).run(ops.score, x, num_samples, "elbo", seed, kind="likelihood").scores
     np.testing.assert_allclose(score, expected.numpy(), rtol=1e-3 if variant == "fp32" else 5e-2)
 
 

@@ -170,6 +170,7 @@ def test_pyfunc_encodes_samples_and_scores_in_process_and_over_invocations(
         np.testing.assert_allclose(model.predict(rows, params={"op": "encode"})["mean"], expected_mean, atol=1e-5)
         with_maps = model.predict(rows, params={"op": "score", "num_samples": 2, "seed": 1, "maps": True})
         np.testing.assert_allclose(with_maps["score"], expected.scores, rtol=1e-5)
+        assert set(with_maps["kind"]) == {expected.kind} == {"excess_mse"}  # the card's default, as the CLI's
         np.testing.assert_allclose(with_maps["maps"], expected.maps, rtol=1e-5)
         with pytest.raises(mlflow.exceptions.MlflowException, match="op 'score': needs a column 'x'"):
             model.predict(pd.DataFrame({"seed": seeds}), params={"op": "score"})
@@ -189,6 +190,7 @@ def test_pyfunc_encodes_samples_and_scores_in_process_and_over_invocations(
         scored = invoke({"dataframe_records": records, "params": {"op": "score", "num_samples": 2, "seed": 1}})
         assert scored.status_code == 200, scored.text
         np.testing.assert_allclose(scored.json()["predictions"]["score"], expected.scores, rtol=1e-5)
+        assert scored.json()["predictions"]["kind"] == ["excess_mse"] * len(expected.scores)
         encoded = invoke({"dataframe_records": records, "params": {"op": "encode"}})
         np.testing.assert_allclose(np.asarray(encoded.json()["predictions"]["mean"]), expected_mean, atol=1e-5)
         refused = invoke({"dataframe_records": [{"seed": 1}], "params": {"op": "score"}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import tarfile
 
@@ -97,9 +98,10 @@ def test_encode_writes_latents_labels_and_a_plot(exported_model, small_shards, t
 
 def test_score_reports_auc_and_calibrates_a_threshold(exported_model, small_shards, tmp_path, capsys):
     assert main(["score", "--model", str(exported_model), "--input", str(small_shards), "--split", "val",
-                 "--out", str(tmp_path / "s.csv"), "--labels", "1", "--samples", "4", "--maps", str(tmp_path / "maps")]) == 0
+                 "--out", str(tmp_path / "s.csv"), "--labels", "1", "--samples", "4", "--maps", str(tmp_path / "maps"),
+                 "--kind", "likelihood"]) == 0
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert 0.0 <= summary["roc_auc"] <= 1.0 and summary["anomaly_labels"] == [1]
+    assert 0.0 <= summary["roc_auc"] <= 1.0 and summary["anomaly_labels"] == [1] and summary["kind"] == "likelihood"
     assert "ROC AUC" in capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     assert len(rows) == 120 and all(float(r["score"]) > 0 for r in rows)
@@ -118,6 +120,23 @@ def test_score_reports_auc_and_calibrates_a_threshold(exported_model, small_shar
                  str(tmp_path / "v.csv"), "--threshold-file", str(tmp_path / "threshold.json")]) == 0
     assert all(r["is_anomaly"] in ("0", "1") for r in csv.DictReader(open(tmp_path / "v.csv")))
     assert threshold > 0
+
+
+def test_score_defaults_to_the_models_combination_and_warns_when_a_model_has_none(exported_model, small_shards,
+                                                                                  tmp_path, capsys):
+    assert main(["score", "--model", str(exported_model), "--input", str(small_shards), "--split", "val",
+                 "--out", str(tmp_path / "d.csv")]) == 0
+    assert json.loads((tmp_path / "d.json").read_text())["kind"] == "excess_mse"
+    scores = [float(r["score"]) for r in csv.DictReader(open(tmp_path / "d.csv"))]
+    assert abs(np.mean(scores)) < 0.5 and "warning" not in capsys.readouterr().err  # z-scores on its own val images
+    old = tmp_path / "old"
+    shutil.copytree(exported_model, old)
+    card = json.loads((old / "model.json").read_text())
+    del card["anomaly_score"]
+    (old / "model.json").write_text(json.dumps(card))
+    assert main(["score", "--model", str(old), "--input", str(small_shards), "--out", str(tmp_path / "o.csv")]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["kind"] == "likelihood"
+    assert "warning: this model was exported without anomaly-score statistics" in capsys.readouterr().err
 
 
 def test_interpolate_and_traverse_write_strips(exported_model, small_shards, tmp_path):

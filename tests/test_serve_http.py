@@ -180,10 +180,15 @@ def test_encode_reconstruct_score_take_json_and_png(server, runtime, digits):
     scores = post(server, "/v1/score?num_samples=8&method=iwae&seed=5", json={"images": x.tolist()}).json()
     np.testing.assert_allclose(scores["scores"], Direct(runtime).run(ops.score, x, 8, "iwae", 5).scores, rtol=1e-4)
     assert scores["method"] == "iwae" and "is_anomaly" not in scores
+    assert scores["kind"] == runtime.card.score_statistics.default and "warning" not in scores  # the model's default
+    likelihood = post(server, "/v1/score?num_samples=8&seed=5&kind=likelihood", json={"images": x.tolist()}).json()
+    np.testing.assert_allclose(likelihood["scores"], Direct(runtime).run(ops.score, x, 8, seed=5, kind="likelihood").scores,
+                               rtol=1e-4)
+    assert likelihood["kind"] == "likelihood" and min(likelihood["scores"]) > 0  # nats
     corrected = post(server, "/v1/score?num_samples=8&seed=5&complexity=png", json={"images": x.tolist()}).json()
     np.testing.assert_allclose(corrected["scores"], Direct(runtime).run(ops.score, x, 8, "elbo", 5, complexity="png").scores,
                                rtol=1e-4)
-    assert corrected["complexity"] == "png"
+    assert corrected["complexity"] == "png" and corrected["kind"] == "likelihood"
     # pixel maps: base64 heat-map PNGs, or the values, the same the command line computes
     expected = Direct(runtime).run(ops.score, x, 2, "elbo", 1, maps=True).maps
     as_png = post(server, "/v1/score?num_samples=2&seed=1&maps=png", json={"images": x.tolist()}).json()["maps"]
@@ -284,6 +289,9 @@ NAN_BODY = json.dumps({"images": [[[[0.5] * 28] * 27 + [[float("nan")] * 28]]]})
     ("/v1/interpolate?steps=1", {"json": {"images": [[[[0.5] * 28] * 28]] * 2}}, 422, "greater than or equal to 2"),
     ("/v1/score?num_samples=65", {"json": {"images": [[[[0.5] * 28] * 28]]}}, 422, "num_samples=65"),
     ("/v1/score?method=mse", {"json": {"images": [[[[0.5] * 28] * 28]]}}, 422, "elbo"),
+    ("/v1/score?kind=png_mse&complexity=png", {"json": {"images": [[[[0.5] * 28] * 28]]}}, 422,
+     "complexity='png' applies to kind='likelihood' only"),
+    ("/v1/score?kind=pca", {"json": {"images": [[[[0.5] * 28] * 28]]}}, 422, "likelihood"),
 ])
 def test_bad_input_gets_4xx_naming_the_problem(server, path, kwargs, status, message):
     if "files" in kwargs and isinstance(kwargs["files"], list) and kwargs["files"][0][1][1] is None:

@@ -138,12 +138,12 @@ def test_score_matches_pytorch_elbo_and_iwae(runtime, trained_run, real_x):
         elbo_score = (-log_px).mean(0) + kl
         iwae_score = -(torch.logsumexp(log_px + log_pz - log_qz, 0) - math.log(num_samples))
     direct = Direct(runtime)
-    np.testing.assert_allclose(direct.run(ops.score, real_x, num_samples, "elbo", seed).scores, elbo_score.numpy(),
-                               rtol=2e-4)
-    np.testing.assert_allclose(direct.run(ops.score, real_x, num_samples, "iwae", seed).scores, iwae_score.numpy(),
-                               rtol=2e-4)
+    np.testing.assert_allclose(direct.run(ops.score, real_x, num_samples, "elbo", seed, kind="likelihood").scores,
+                               elbo_score.numpy(), rtol=2e-4)
+    np.testing.assert_allclose(direct.run(ops.score, real_x, num_samples, "iwae", seed, kind="likelihood").scores,
+                               iwae_score.numpy(), rtol=2e-4)
     # the importance-weighted bound is the tighter one
-    iwae, elbo = (direct.run(ops.score, real_x, 64, method, 0).scores for method in ("iwae", "elbo"))
+    iwae, elbo = (direct.run(ops.score, real_x, 64, method, 0, kind="likelihood").scores for method in ("iwae", "elbo"))
     assert iwae.mean() < elbo.mean()
 
 
@@ -185,7 +185,7 @@ def test_interpolate_endpoints_are_the_reconstructions(runtime, real_x):
 
 def test_pixel_maps_sum_to_the_reconstruction_term_of_the_score(runtime, real_x):
     """Each map is -log p(x|z) per pixel; the negative ELBO is its sum plus the analytic KL."""
-    result = Direct(runtime).run(ops.score, real_x, 4, "elbo", 3, maps=True)
+    result = Direct(runtime).run(ops.score, real_x, 4, "elbo", 3, maps=True, kind="likelihood")
     posterior = Direct(runtime).run(ops.encode, real_x)
     mean, logvar = posterior.mean.astype(np.float64), posterior.logvar.astype(np.float64)
     kl = 0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1.0 - logvar, axis=1)
@@ -284,12 +284,12 @@ def test_roc_auc_and_pca_match_sklearn():
 
 
 def test_complexity_correction_subtracts_the_png_code_length(runtime, real_x):
-    from serve.ops import complexity_nats
+    from pipeline.images import png_code_nats
 
-    plain = Direct(runtime).run(ops.score, real_x, 2, seed=3).scores
+    plain = Direct(runtime).run(ops.score, real_x, 2, seed=3, kind="likelihood").scores
     corrected = Direct(runtime).run(ops.score, real_x, 2, seed=3, complexity="png").scores
-    np.testing.assert_allclose(plain - corrected, complexity_nats(real_x))
+    np.testing.assert_allclose(plain - corrected, png_code_nats(real_x))
     blank, noise = np.zeros((1, 1, 28, 28), np.float32), np.random.default_rng(0).random((1, 1, 28, 28), np.float32)
-    assert complexity_nats(blank)[0] < 0.2 * complexity_nats(noise)[0]  # a flat image compresses far better
+    assert png_code_nats(blank)[0] < 0.2 * png_code_nats(noise)[0]  # a flat image compresses far better
     with pytest.raises(ValueError, match="complexity must be one of"):
         Direct(runtime).run(ops.score, real_x, complexity="zip")

@@ -1,6 +1,9 @@
-"""serve/scores.py's candidate anomaly scores against independent computations (torch, scipy, sklearn, loops)."""
+"""serve/scores.py's and export/score_statistics.py's candidate anomaly scores against independent computations (torch, scipy, sklearn, loops)."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,11 +13,10 @@ from sklearn.preprocessing import StandardScaler
 
 from serve.likelihoods import negative_log_likelihood
 from serve import ops
-from serve.ops import complexity_nats
 from serve.runtime import RuntimeOptions, VAERuntime
-from serve.scores import (ACTIVITY_EDGES, MIN_LAPLACE_SCALE, ModelOutputs, Standardiser, base_scores,
-                          bernoulli_entropy, combine, kl_to_prior, latent_norm, local_predictor_nats,
-                          med_prediction, model_outputs, squared_error)
+from export.score_statistics import Standardiser, bernoulli_entropy, combine, squared_error
+from serve.scores import (ACTIVITY_EDGES, MIN_LAPLACE_SCALE, ModelOutputs, base_scores, kl_to_prior, latent_norm,
+                          local_predictor_nats, med_prediction, model_outputs)
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +121,14 @@ def test_base_scores_from_a_real_model_agree_with_the_runtimes_own_scores(export
     device = ops.Direct(VAERuntime(exported_model, options=RuntimeOptions(providers=("CPUExecutionProvider",))))
     outputs = model_outputs(device, digits, num_samples=3, seed=5)
     assert isinstance(outputs, ModelOutputs)
-    scores = base_scores(outputs, device.card.likelihood, device.card.likelihood_params, complexity_nats(digits))
+    scores = base_scores(outputs, device.card.likelihood, device.card.likelihood_params)
     assert set(scores) == {"neg_elbo", "iwae", "recon_nll", "recon_mse", "kl", "latent_norm", "local_corrected",
                            "png_corrected", "bernoulli_excess"}
     def score(**kwargs):
         return device.run(ops.score, digits, num_samples=3, seed=5, **kwargs).scores
 
-    np.testing.assert_allclose(scores["neg_elbo"], score(), rtol=1e-6)
-    np.testing.assert_allclose(scores["iwae"], score(method="iwae"), rtol=1e-6)
+    np.testing.assert_allclose(scores["neg_elbo"], score(kind="likelihood"), rtol=1e-6)
+    np.testing.assert_allclose(scores["iwae"], score(kind="likelihood", method="iwae"), rtol=1e-6)
     np.testing.assert_allclose(scores["png_corrected"], score(complexity="png"), rtol=1e-6)
     posterior = device.run(ops.encode, digits)
     reconstructions = device.run(ops.reconstruct, digits)
@@ -135,3 +137,56 @@ def test_base_scores_from_a_real_model_agree_with_the_runtimes_own_scores(export
     # the Bernoulli NLL never falls below the pixels' entropy, so the excess is at least the KL term
     assert (scores["bernoulli_excess"] >= scores["kl"] - 1e-6).all()
     assert all(np.isfinite(s).all() and s.shape == (len(digits),) for s in scores.values())
+
+
+# ---------------------------------------------------------------- the default score export stores and serve applies
+
+def test_export_fits_statistics_that_standardise_its_own_validation_images(exported_model, small_shards):
+    """The card's means and spreads, fitted in PyTorch at export, are those serve's own base scores (ONNX,
+    numpy) have on the same validation images: z-scores of mean ~0 and spread ~1."""
+    from serve.__main__ import read_input
+
+    runtime = VAERuntime(exported_model, options=RuntimeOptions(providers=("CPUExecutionProvider",)))
+    statistics = runtime.card.score_statistics
+    assert statistics.default == "excess_mse"  # a Bernoulli model: the PNG correction does not fit its units
+    assert set(statistics.standardiser.means) == {"neg_elbo", "png_corrected", "recon_mse", "bernoulli_excess"}
+    x, _, _ = read_input(str(small_shards), runtime, "val")
+    assert statistics.num_images == len(x) and statistics.num_samples == 1
+    base = base_scores(model_outputs(ops.Direct(runtime), x, num_samples=1, seed=11), "bernoulli", {})
+    for name in statistics.standardiser.means:
+        z = statistics.standardiser.z(name, base[name])
+        assert abs(z.mean()) < 0.15 and 0.8 < z.std() < 1.25, (name, z.mean(), z.std())
+    # no sampling in the reconstruction error: PyTorch at export and onnxruntime here agree closely
+    np.testing.assert_allclose(base["recon_mse"].mean(), statistics.standardiser.means["recon_mse"], rtol=1e-3)
+
+
+def test_the_default_score_is_the_cards_combination_computed_independently(exported_model, digits):
+    device = ops.Direct(VAERuntime(exported_model, options=RuntimeOptions(providers=("CPUExecutionProvider",))))
+    result = device.run(ops.score, digits, num_samples=3, seed=5)
+    assert result.kind == "excess_mse" and result.warning is None
+    statistics = device.card.score_statistics
+    base = base_scores(model_outputs(device, digits, num_samples=3, seed=5), "bernoulli", {})
+    expected = sum((base[name] - statistics.standardiser.means[name]) / statistics.standardiser.stds[name]
+                   for name in ("bernoulli_excess", "recon_mse"))
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-6)
+    png = device.run(ops.score, digits, num_samples=3, seed=5, kind="png_mse")
+    np.testing.assert_allclose(png.scores, statistics.apply(base, "png_mse"), rtol=1e-6)
+    # an explicit complexity correction asks for the likelihood; with a combination it is refused
+    assert device.run(ops.score, digits, complexity="png").kind == "likelihood"
+    with pytest.raises(ValueError, match="complexity='png' applies to kind='likelihood' only"):
+        device.run(ops.score, digits, complexity="png", kind="png_mse")
+
+
+def test_a_model_exported_without_statistics_falls_back_to_the_likelihood_and_says_so(exported_model, digits,
+                                                                                       tmp_path):
+    old = tmp_path / "old-model"
+    shutil.copytree(exported_model, old)
+    card = json.loads((old / "model.json").read_text())
+    del card["anomaly_score"]
+    (old / "model.json").write_text(json.dumps(card))
+    device = ops.Direct(VAERuntime(old, options=RuntimeOptions(providers=("CPUExecutionProvider",))))
+    result = device.run(ops.score, digits, num_samples=2, seed=1)
+    assert result.kind == "likelihood" and "re-export" in result.warning
+    np.testing.assert_array_equal(result.scores, device.run(ops.score, digits, 2, seed=1, kind="likelihood").scores)
+    with pytest.raises(ValueError, match="score kind 'png_mse' needs statistics this model's card lacks"):
+        device.run(ops.score, digits, kind="png_mse")

@@ -89,6 +89,15 @@ def nan_model(exported_model: Path, tmp_path: Path, offset: float) -> Path:
     ({"variants": {"fp16": {"encoder": {"file": "encoder.onnx"}, "decoder": {"file": "../../etc/passwd"}}}},
      "variants.fp16.decoder: '../../etc/passwd' is not a plain file name"),
     ({"encoder": None}, "encoder: expected a file name"),
+    ({"anomaly_score": {"default": "png_mse", "num_images": 9, "num_samples": 1, "means": {"recon_mse": 1.0},
+                        "stds": {"recon_mse": 0.0}}},
+     "anomaly_score: stds.recon_mse: expected a finite number > 0, got 0.0; default 'png_mse' needs statistics"),
+    ({"anomaly_score": {"default": "__import__('os')", "num_images": 9, "num_samples": 1,
+                        "means": {"recon_mse": float("nan"), "/etc/passwd": 1}, "stds": {"recon_mse": 1}}},
+     "unknown scores ['/etc/passwd']"),
+    ({"anomaly_score": {"default": "excess_mse", "num_images": True, "num_samples": 1, "means": [], "stds": {}}},
+     "anomaly_score: expected {'means': {...}, 'stds': {...}}"),
+    ({"anomaly_score": "png_mse"}, "anomaly_score: expected an object, got str"),
 ])
 def test_a_model_directory_that_does_not_match_model_json_is_refused_at_load(exported_model, tmp_path, changes,
                                                                               message):
