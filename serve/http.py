@@ -407,7 +407,11 @@ async def score(request: Request, num_samples: int = Query(1, ge=1), method: Lit
 
 
 SCORE_DESCRIPTION = (
-    "Anomaly score per image: the negative ELBO (or IWAE bound) in nats, higher = more anomalous. "
+    "Anomaly score per image, higher = more anomalous. By default (`kind=auto`) the model's own combination: "
+    "z(negative ELBO - PNG code length) + z(reconstruction squared error) (`png_mse`; `excess_mse` with the "
+    "pixels' Bernoulli entropy for Bernoulli models), each base score standardised at export on the model's "
+    "validation images; `kind=likelihood` gives the negative ELBO (or IWAE bound) in nats, which ranks simple "
+    "inputs as normal. The answer's `kind` says which was computed. "
     "`maps=png` adds, per image, a heat map of -log p(x|z) per pixel (the ELBO's reconstruction term pixel by "
     "pixel, summed over channels, averaged over the z samples) as a base64 PNG on a 'hot' scale from 0 nats "
     "(black) to the map's maximum (white), with that maximum and the map's sum in nats; `maps=json` gives "
@@ -479,7 +483,7 @@ def create_app(runtime: VAERuntime, options: ServiceOptions | None = None) -> Fa
                       summary="decoded path between two images' latents (send exactly two images)")
     app.add_api_route("/v1/score", score, methods=["POST"], **model, response_model=ScoreResponse, responses=ERRORS,
                       openapi_extra=images_body, description=SCORE_DESCRIPTION,
-                      summary="anomaly score per image (negative ELBO or IWAE bound, nats), and pixel maps")
+                      summary="anomaly score per image (the model's default, or the likelihood in nats), and pixel maps")
 
     # Middleware, innermost first: the short way for JSON sample/decode, body limit, token, metrics (outermost,
     # so 401s and 413s are counted too).
