@@ -9,10 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.score_statistics import ScoreStatistics, Standardiser, compute_base_scores, default_combination
+from export.score_statistics import (ScoreStatistics, Standardiser, applicable_scores, compute_base_scores,
+                                     default_combination)
 
 FIT_NUM_SAMPLES = 1
-"""z samples per image behind the fitted negative ELBOs: serve's default (`score --samples 1`)."""
+"""z samples per image behind the fitted negative ELBOs: serve's default (`score --samples 1`), so one draw."""
 FIT_BATCH = 256
 
 
@@ -25,11 +26,10 @@ def fit_score_statistics(model, images: np.ndarray, seed: int = 0) -> ScoreStati
     for start in range(0, len(images), FIT_BATCH):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + FIT_BATCH], dtype=np.float32))
         posterior = model.encode(x)
-        nll = torch.stack([model.likelihood.nll(model.decode(posterior.sample(generator)), x)
-                           for _ in range(FIT_NUM_SAMPLES)]).mean(dim=0)
+        neg_elbo = model.likelihood.nll(model.decode(posterior.sample(generator)), x) + posterior.kl()  # one z
         reconstruction = model.image_mean(model.decode(posterior.mean))
-        batch = compute_base_scores((nll + posterior.kl()).double().numpy(), x.numpy(),
-                                    reconstruction.float().numpy(), model.config.likelihood)
+        batch = compute_base_scores(applicable_scores(model.config.likelihood), neg_elbo.double().numpy(),
+                                    x.numpy(), reconstruction.float().numpy())
         for name, values in batch.items():
             parts.setdefault(name, []).append(values)
     scores = {name: np.concatenate(values) for name, values in parts.items()}

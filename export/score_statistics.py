@@ -67,16 +67,22 @@ def bernoulli_entropy(x: np.ndarray) -> np.ndarray:
     return entropy.reshape(len(x), -1).sum(axis=1)
 
 
-def compute_base_scores(neg_elbo: np.ndarray, x: np.ndarray, reconstruction: np.ndarray,
-                        likelihood: str) -> dict[str, np.ndarray]:
-    """BASE_SCORES of images x (B, C, H, W) in [0, 1] {name: (B,)}, from their negative ELBOs (B,) and their
-    reconstructions at the posterior mean (B, C, H, W); `bernoulli_excess` for Bernoulli models only."""
+def applicable_scores(likelihood: str) -> tuple[str, ...]:
+    """BASE_SCORES that mean something for a model of this likelihood (the pixel entropy only for Bernoulli)."""
+    return tuple(name for name in BASE_SCORES if likelihood == "bernoulli" or name != "bernoulli_excess")
+
+
+def compute_base_scores(names: tuple[str, ...], neg_elbo: np.ndarray, x: np.ndarray,
+                        reconstruction: np.ndarray) -> dict[str, np.ndarray]:
+    """The base scores `names` of images x (B, C, H, W) in [0, 1] {name: (B,)}, from their negative ELBOs (B,)
+    and their reconstructions at the posterior mean (B, C, H, W). Only those asked for are computed: the PNG
+    code length costs an encode per image, which a request for another combination need not pay."""
     neg_elbo = np.asarray(neg_elbo, np.float64)
-    scores = {"neg_elbo": neg_elbo, "png_corrected": neg_elbo - png_code_nats(x),
-              "recon_mse": squared_error(x, reconstruction)}
-    if likelihood == "bernoulli":
-        scores["bernoulli_excess"] = neg_elbo - bernoulli_entropy(x)
-    return scores
+    compute = {"neg_elbo": lambda: neg_elbo,
+               "png_corrected": lambda: neg_elbo - png_code_nats(x),
+               "recon_mse": lambda: squared_error(x, reconstruction),
+               "bernoulli_excess": lambda: neg_elbo - bernoulli_entropy(x)}
+    return {name: compute[name]() for name in names}
 
 
 def _finite(value) -> bool:

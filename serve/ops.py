@@ -453,7 +453,7 @@ async def score(device: Device, x: np.ndarray, num_samples: int = 1, method: str
     # PNG encoding (Pillow releases the GIL) off the event loop and the device thread
     if kind != "likelihood":
         _, reconstruction = await _decode(device, mean)
-        base = await device.offload(compute_base_scores, scores, x, reconstruction, card.likelihood)
+        base = await device.offload(compute_base_scores, COMBINATIONS[kind], scores, x, reconstruction)
         scores = card.score_statistics.apply(base, kind)
     elif complexity == "png":
         scores = scores - await device.offload(png_code_nats, x)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.score_statistics import check_float_images, compute_base_scores
+from export.score_statistics import applicable_scores, check_float_images, compute_base_scores
 
 # LOCO-I (JPEG-LS) style contexts: local activity |a - c| + |b - c| + |c - d| (8-bit units) quantised at
 # these edges; each context codes its residuals with its own Laplace scale, as adaptive coders do.
@@ -114,8 +114,8 @@ def base_scores(outputs: ModelOutputs, likelihood: str, likelihood_params: dict)
 
     o = outputs
     parts = (o.x, o.mean, o.logvar, o.eps, o.sample_params)
-    scores = compute_base_scores(score_from_parts(*parts, "elbo", likelihood, likelihood_params), o.x,
-                                 o.mean_image, likelihood)
+    scores = compute_base_scores(applicable_scores(likelihood),
+                                 score_from_parts(*parts, "elbo", likelihood, likelihood_params), o.x, o.mean_image)
     return {**scores,
             "iwae": score_from_parts(*parts, "iwae", likelihood, likelihood_params),
             "recon_nll": negative_log_likelihood(likelihood, o.mean_params, o.x, likelihood_params),
