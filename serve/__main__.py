@@ -95,12 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input(score)
     score.add_argument("--out", required=True, help="scores.csv (key, label, score[, is_anomaly])")
     score.add_argument("--kind", choices=ops.SCORE_KINDS, default="auto",
-                       help="auto: the model's default, the combination its export standardised on validation "
-                            "images (png_mse for 8-bit and Gaussian likelihoods, excess_mse for Bernoulli; "
-                            "measured in BENCHMARKS.md), or the likelihood for models exported without it; "
-                            "likelihood: the negative ELBO (or IWAE bound) in nats, which ranks simple inputs "
-                            "(e.g. digits to a clothing model) as normal; png_mse / excess_mse: z(neg ELBO - PNG "
-                            "nats or - pixel entropy) + z(reconstruction squared error)")
+                       help=ops.SCORE_KIND_HELP)
     score.add_argument("--samples", type=int, default=1, help="z samples per image (K)")
     score.add_argument("--method", choices=("elbo", "iwae"), default="elbo",
                        help="elbo: mean negative ELBO over K draws; iwae: importance-weighted bound with K samples")
@@ -433,7 +428,7 @@ def run_http(runtime, args) -> None:
     from serve.http_protocol import ConnectionLimits
 
     threshold, threshold_score = (read_threshold(args.threshold_file) if args.threshold_file
-                                  else (None, ("likelihood", "elbo", "none")))
+                                  else (None, ServiceOptions.threshold_score))
     options = ServiceOptions(
         batching=BatchingOptions(args.max_batch_size, args.max_queue_delay_ms, args.max_queue),
         max_items=args.max_items, max_body_bytes=args.max_body_bytes, token=os.environ.get(TOKEN_ENV, ""),

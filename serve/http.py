@@ -382,15 +382,10 @@ async def interpolate(request: Request, steps: int = Query(8, ge=2), mode: Liter
     return images_answer(images, format, {}, num_cols=steps)
 
 
-SCORE_KIND_HELP = ("auto: the model's default (a combination standardised at export on validation images; the "
-                   "likelihood for models exported without it, with a warning); likelihood: the negative ELBO or "
-                   "IWAE bound in nats; png_mse / excess_mse: named combinations (z-score sums)")
-
-
 async def score(request: Request, num_samples: int = Query(1, ge=1), method: Literal["elbo", "iwae"] = "elbo",
                 complexity: Literal["none", "png"] = "none", seed: int = Query(0, ge=0, lt=2**63),
                 maps: Literal["none", "png", "json"] = "none",
-                kind: Literal[ops.SCORE_KINDS] = Query("auto", description=SCORE_KIND_HELP)):
+                kind: Literal[ops.SCORE_KINDS] = Query("auto", description=ops.SCORE_KIND_HELP)):
     service = service_of(request)
     result = await ops.score(service, await read_images(request), num_samples, method, seed, complexity,
                              maps=maps != "none", limits=service.limits, kind=kind)

@@ -35,6 +35,13 @@ SCORE_METHODS = ("elbo", "iwae")
 COMPLEXITY_CORRECTIONS = ("none", "png")
 SCORE_KINDS = ("auto", "likelihood", *COMBINATIONS)
 """What `score` returns: "auto" (the model card's default), the likelihood bound, or a named combination."""
+SCORE_KIND_HELP = (
+    "auto: the model's default, the combination its export standardised on validation images (png_mse for 8-bit "
+    "and Gaussian likelihoods, excess_mse for Bernoulli; measured in BENCHMARKS.md), or the likelihood, with a "
+    "warning, for models exported without it; likelihood: the negative ELBO (or IWAE bound) in nats, which ranks "
+    "simple inputs (e.g. digits to a clothing model) as normal; png_mse / excess_mse: z(neg ELBO - PNG nats, or "
+    "- the pixels' Bernoulli entropy) + z(reconstruction squared error)")
+"""The choices of `kind`, explained once for the command line's --help and the HTTP API's documentation."""
 
 
 class InvalidInput(ValueError):
