@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,17 @@ def write_grids(model: nn.Module, x: torch.Tensor, prefix: str | Path, seed: int
     paths = [save_grid(samples, f"{prefix}_samples.png", num_cols=8, scale=3 if x.shape[-1] < 48 else 1),
              save_grid(pairs, f"{prefix}_recons.png", num_cols=8, scale=3 if x.shape[-1] < 48 else 1)]
     return [str(path) for path in paths]
+
+
+def final_score(model: nn.Module, x_test: torch.Tensor, grid_prefix: str | Path, *, k: int,
+                **iwae_options) -> dict:
+    """A trained model's held-out IWAE bound (nats and bits/dim), how long scoring took, its size and its
+    sample/reconstruction grids: the result row the quality benchmarks share."""
+    started = time.monotonic()
+    nats = iwae_nats(model, x_test, k=k, **iwae_options)
+    return {"test_nats": round(nats, 3), "test_bits_per_dim": round(bits_per_dim(nats, x_test[0].numel()), 4),
+            "score_s": round(time.monotonic() - started, 1), "params": sum(p.numel() for p in model.parameters()),
+            "grids": write_grids(model, x_test, grid_prefix)}
 
 
 def peer_net(model_fields: dict) -> nn.Module:

@@ -38,7 +38,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `python -m train` does
 from pinned_jobs import last_json_line, load_average, model_flags, run_all, trainer_checkpoints  # noqa: E402
 
 SIZE, CHANNELS = 64, 3
-DIMS = SIZE * SIZE * CHANNELS
 
 
 def net_fields(preset: str) -> dict:
@@ -57,19 +56,15 @@ def training_job(args, name: str, preset: str, shards: Path, work: Path) -> list
 
 def score(args) -> int:
     """One net's final IWAE bits/dim on the held-out patches and its grids (run pinned by the driver)."""
-    from bits_per_dim import bits_per_dim, iwae_nats, read_split, write_grids
+    from bits_per_dim import final_score, read_split
     from train import load_model
 
     name, work = args.score, Path(args.work)
     x_test = read_split(args.shards, "val")[:args.test_images].float().div_(255.0)
     elapsed, step, path = trainer_checkpoints(work / name)[-1]
     model = load_model(path)
-    started = time.monotonic()
-    nats = iwae_nats(model, x_test, k=args.iwae_k, batch=10, chunk=25)
-    result = {"net": name, "step": step, "train_s": round(elapsed, 1), "test_nats": round(nats, 2),
-              "test_bits_per_dim": round(bits_per_dim(nats, DIMS), 4), "score_s": round(time.monotonic() - started, 1),
-              "params": sum(p.numel() for p in model.parameters()),
-              "grids": write_grids(model, x_test, Path(args.results) / f"colour_{name}")}
+    result = {"net": name, "step": step, "train_s": round(elapsed, 1),
+              **final_score(model, x_test, Path(args.results) / f"colour_{name}", k=args.iwae_k, batch=10, chunk=25)}
     (work / f"score-{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)
     return 0

@@ -132,7 +132,7 @@ def scorable(system: str, path: Path, x_train):
 
 def score(args) -> int:
     """One system's curve, final score and grids (run as its own pinned process by the driver)."""
-    from bits_per_dim import bits_per_dim, fixed_subset, iwae_nats, read_split, write_grids
+    from bits_per_dim import bits_per_dim, final_score, fixed_subset, iwae_nats, read_split
 
     system, work = args.score, Path(args.work)
     x_test = read_split(args.shards, "val")[:args.test_images].float().div_(255.0)
@@ -149,13 +149,8 @@ def score(args) -> int:
                       **({"log_scale": model.log_scale} if system == "pythae" else {})})
         print(f"{system} curve: {curve[-1]}", flush=True)
     final = scorable(system, found[-1][2], x_train)
-    started = time.monotonic()
-    nats = iwae_nats(final, x_test, k=args.final_k)
-    result = {"system": system, "final_step": found[-1][1], "final_train_s": round(found[-1][0], 1),
-              "test_nats": round(nats, 3), "test_bits_per_dim": round(bits_per_dim(nats, DIMS), 4),
-              "final_score_s": round(time.monotonic() - started, 1), "curve": curve,
-              "params": sum(p.numel() for p in final.parameters()),
-              "grids": write_grids(final, x_test, Path(args.results) / f"fmnist_{system}"),
+    result = {"system": system, "final_step": found[-1][1], "final_train_s": round(found[-1][0], 1), "curve": curve,
+              **final_score(final, x_test, Path(args.results) / f"fmnist_{system}", k=args.final_k),
               **({"log_scale": final.log_scale} if system == "pythae" else {})}
     (work / f"score-{system}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)
